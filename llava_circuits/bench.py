@@ -121,14 +121,29 @@ def bench_attention(model: str | None = None) -> dict:
     return run(model)
 
 
-BENCHES: dict[str, Callable[..., dict]] = {"capture": bench_capture, "eval": bench_eval, "attention": bench_attention}
+def bench_steering(model: str | None = None) -> dict:
+    from llava_circuits.steering.bench import bench_steering as run
+
+    return run(model)
+
+
+def bench_transcoders(model: str | None = None) -> dict:
+    from llava_circuits.transcoders.bench import bench_transcoders as run
+
+    return run(model)
+
+
+BENCHES: dict[str, Callable[..., dict]] = {
+    "capture": bench_capture, "eval": bench_eval, "attention": bench_attention, "steering": bench_steering,
+    "transcoders": bench_transcoders,
+}
 
 
 def bench(name: str, json: bool = False, model: str | None = None) -> dict:
     """Run benchmark NAME and print its ratios (the last line is JSON with --json).
 
     Args:
-        name: which benchmark: capture (capture_overhead), eval (batched_speedup), attention (memory_ratio)
+        name: which benchmark: capture (capture_overhead), eval (batched_speedup), attention (memory_ratio; default model: a random LLaVA-1.5-7B geometry), steering (steerfair_overhead, barrier_overhead), transcoders (all_layers_vs_layerwise, vs_sparsify)
         json: print the result as one JSON object on the last line
         model: model id or path (default: the toy model)
     """

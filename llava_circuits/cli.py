@@ -75,12 +75,38 @@ def build_parser() -> argparse.ArgumentParser:
     hub_cmds = _group(sub, "hub", "Push artifacts and model directories to the Hugging Face Hub, and pull them")
     _command(hub_cmds, "push", hub.push, positional=["dir", "repo_id"])
     _command(hub_cmds, "pull", hub.pull, positional=["repo_id"])
+    from llava_circuits.steering import barrier, steerfair
+
+    sf = _group(sub, "steerfair", "SteerFair: per-head directions of answer-position bias, fitted and steered away")
+    _command(sf, "fit", steerfair.steerfair_fit)
+    _command(sf, "eval", steerfair.steerfair_eval)
+    bar = _group(sub, "barrier", "Dual-phase barrier steering that keeps attention on the image")
+    _command(bar, "eval", barrier.barrier_eval)
+    from llava_circuits.pruning import commands as pruning
+
+    pr = _group(sub, "prune", "Soft pruning of attention heads tied to social bias: localize, apply, fine-tune, evaluate")
+    _command(pr, "localize", pruning.prune_localize)
+    _command(pr, "apply", pruning.prune_apply)
+    _command(pr, "finetune", pruning.prune_finetune)
+    _command(pr, "eval", pruning.prune_eval)
+    from llava_circuits.transcoders.io import transcoders_export
+
+    tc = _group(sub, "transcoders", "Sparse MLP replacements for every layer, trained from one forward pass")
+    for name, what in (("fit", "Train (LightningCLI: -c CONFIG, --trainer.*, --model.*, --ckpt_path last)"),
+                       ("validate", "Validate a checkpoint: FVU, L0, dead features, replacement KL and agreement")):
+        tc.add_parser(name, help=what, add_help=False)  # parsed by LightningCLI in main()
+    _command(tc, "export", transcoders_export)
     _command(sub, "bench", bench.bench, positional=["name"])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["transcoders"] and argv[1:2] in (["fit"], ["validate"]):
+        from llava_circuits.transcoders.module import transcoders_cli
+
+        transcoders_cli(argv[1:])
+        return 0
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     fn = args.pop("_fn")

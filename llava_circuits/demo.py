@@ -51,7 +51,74 @@ def toy_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
     }
 
 
-STAGES: list[tuple[str, Callable[[Loaded, Path, Path], dict], dict]] = [("toy", toy_stage, TOY_BARS)]
+def attention_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
+    from llava_circuits.attention.stage import attention_stage as run
+
+    return run(loaded, data_dir, out, n_search=150, n_pointing=100)
+
+
+def steerfair_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
+    from llava_circuits.steering.steerfair import steerfair_stage as run
+
+    return run(loaded, data_dir, out)
+
+
+def barrier_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
+    from llava_circuits.steering.barrier import barrier_stage as run
+
+    return run(loaded, data_dir, out)
+
+
+ATTENTION_BARS = {
+    "pointing_accuracy_top_heads": (">= 0.80, clearly above a random head", lambda f: f["pointing_accuracy_top_heads"] >= 0.8
+                                    and f["pointing_accuracy_top_heads"] >= f["pointing_accuracy_random_head"] + 0.2),
+}
+STEERFAIR_BARS = {
+    "position_gap_after": ("<= 0.5 x before", lambda f: f["position_gap_after"] <= 0.5 * f["position_gap_before"]),
+    "permutation_std_after": ("<= 0.5 x before", lambda f: f["permutation_std_after"] <= 0.5 * f["permutation_std_before"]),
+    "settled_accuracy_after": (">= before - 0.02", lambda f: f["settled_accuracy_after"] >= f["settled_accuracy_before"] - 0.02),
+}
+BARRIER_BARS = {
+    "adversarial_fp_rate_after": ("<= 0.7 x before", lambda f: f["adversarial_fp_rate_after"] <= 0.7 * f["adversarial_fp_rate_before"]),
+    "random_accuracy_after": (">= before - 0.02", lambda f: f["random_accuracy_after"] >= f["random_accuracy_before"] - 0.02),
+    "min_h_after_minus_tau": (">= 0 (float tolerance 1e-6)", lambda f: f["min_h_after_minus_tau"] >= -1e-6),
+}
+
+def transcoders_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
+    from llava_circuits.transcoders.demo import transcoders_stage as run
+
+    return run(loaded, data_dir, out)
+
+
+TRANSCODERS_BARS = {
+    "fvu_max": ("<= 0.10", lambda f: f["fvu_max"] <= 0.10),
+    "l0_fraction_max": ("<= 0.05", lambda f: f["l0_fraction_max"] <= 0.05),
+    "dead_fraction_max": ("<= 0.01", lambda f: f["dead_fraction_max"] <= 0.01),
+    "next_token_agreement": (">= 0.80", lambda f: f["next_token_agreement"] >= 0.80),
+    "exact_with_error_max_abs_diff": ("<= 1e-5", lambda f: f["exact_with_error_max_abs_diff"] <= 1e-5),
+}
+
+
+def pruning_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
+    from llava_circuits.pruning.stage import pruning_stage as run
+
+    return run(loaded, data_dir, out)
+
+
+def pruning_bars() -> dict:
+    from llava_circuits.pruning.stage import PRUNING_BARS
+
+    return PRUNING_BARS
+
+
+STAGES: list[tuple[str, Callable[[Loaded, Path, Path], dict], dict]] = [
+    ("toy", toy_stage, TOY_BARS),
+    ("attention", attention_stage, ATTENTION_BARS),
+    ("transcoders", transcoders_stage, TRANSCODERS_BARS),
+    ("steerfair", steerfair_stage, STEERFAIR_BARS),
+    ("barrier", barrier_stage, BARRIER_BARS),
+    ("pruning", pruning_stage, pruning_bars()),
+]
 
 
 def demo_model(out: Path) -> tuple[Loaded, str | None]:
@@ -70,20 +137,23 @@ def report(results: dict, seconds: dict, warning: str | None) -> str:
         lines += [f"**Warning: {warning}.**", ""]
     for name, _, bars in STAGES:
         lines += [f"## {name} ({seconds[name]:.0f} s)", "", "| figure | value | bar | holds |", "| --- | --- | --- | --- |"]
-        for key, value in results[name].items():
+        figures = results[name]
+        for key, value in figures.items():
             bar, check = bars.get(key, ("", None))
-            holds = "" if check is None else ("yes" if check(results[name]) else "**no**")
-            lines.append(f"| {key} | {value:.4f} | {bar} | {holds} |")
-        lines.append("")
+            holds = "" if check is None else ("yes" if check(figures) else "**no**")
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+            lines.append(f"| {key} | {shown} | {bar} | {holds} |")
+        lines += [""] + [f"![{Path(png).stem}]({name}/{png})" for png in figures.get("overlays", [])] + [""]
     return "\n".join(lines)
 
 
-def demo(out: str = "demo-out", seed: int = DEMO_SEED) -> dict:
+def demo(out: str = "demo-out", seed: int = DEMO_SEED, scale: float = 0.3) -> dict:
     """Run the whole pipeline on the toy world and write OUT/report.md and OUT/metrics.json.
 
     Args:
         out: output directory
         seed: seed of the toy data the demo measures on (training never used it)
+        scale: size of the toy benchmarks relative to `toy data`'s default (0.3: the demo fits in ~10 minutes)
     """
     from llava_circuits.toy.writers import toy_data
 
@@ -91,7 +161,7 @@ def demo(out: str = "demo-out", seed: int = DEMO_SEED) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     loaded, warning = demo_model(root)
     data_dir = root / "data"
-    toy_data(str(data_dir), seed)
+    toy_data(str(data_dir), seed, scale)
     results, seconds = {}, {}
     for name, stage, _ in STAGES:
         start = time.time()

@@ -39,6 +39,9 @@ class FinetuneConfig:
     """Length of the cosine schedule; None uses the trainer's estimated_stepping_batches."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value (None: no clipping)."""
+    loss_per: str = "token"
+    """"token": mean over all answer tokens of the batch (LLaVA's); "example": mean of each example's mean,
+    so that one long answer (a caption) weighs as much as a one-letter answer."""
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -49,6 +52,16 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def example_mean_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy averaged over each example's answer tokens, then over the examples that have any."""
+    targets = labels[:, 1:]  # [batch, pos-1]: the token each position predicts
+    mask = targets != -100
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2), targets.clamp(min=0), reduction="none")  # [batch, pos-1]
+    per_example = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return per_example[mask.any(1)].mean()
+
+
 class FinetuneModule(L.LightningModule):
     """Fine-tunes `model` (a Hugging Face VLM or causal LM) on batches that carry `labels`."""
 
@@ -56,13 +69,18 @@ class FinetuneModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.config = config or FinetuneConfig()
+        if self.config.loss_per not in ("token", "example"):
+            raise ValueError(f"FinetuneConfig.loss_per must be 'token' or 'example', got {self.config.loss_per!r}")
         self.save_hyperparameters({"finetune": asdict(self.config)})
 
     def forward(self, **batch: Tensor) -> Any:
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.model(**batch).loss
+        if self.config.loss_per == "example":
+            loss = example_mean_loss(self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+        else:
+            loss = self.model(**batch).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

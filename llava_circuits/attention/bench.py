@@ -90,11 +90,48 @@ def peak_bytes(run, device: torch.device) -> int:
     return tracker.peak
 
 
-def bench_attention(model: str | None = None, batch: int = 4, text_len: int = 112) -> dict:
-    """Peak memory of extracting 2 of N layers (last-token rows, image columns) against all layers' attentions."""
+GEOMETRY = "llava-1.5-7b-geometry"
+
+
+def bench_attention(model: str | None = None, batch: int = 1, text_len: int = 40) -> dict:
+    """Peak memory of extracting 2 of N layers (last-token rows, image columns) against all layers' attentions.
+
+    By default on a random model with LLaVA-1.5-7B's attention geometry (`geometry_model`), since the ratio
+    depends on layers x heads x sequence length, which the toy does not have; `--model PATH` measures another.
+    """
     from llava_circuits.bench import bench_model
 
+    if model is None or model.startswith(GEOMETRY):
+        width = int(model.split(":")[1]) if model and ":" in model else None
+        return memory_ratio(geometry_model(width), batch, text_len)
     return memory_ratio(bench_model(model), batch, text_len)
+
+
+def geometry_model(width: int | None = None):
+    """Random LLaVA-1.5-7B geometry: 32 Llama layers x 32 heads, 24x24 = 576 image tokens, vocab 32064.
+
+    d_model is `width` (MLP scaled as 11008/4096); None takes 4096 (the real one, bf16) on CUDA and 2048 on
+    CPU, where 7B fp32 weights would not fit in RAM. A narrower width holds fewer hidden-state bytes, so the
+    CPU ratio is a little lower than the 4096 one; the attention maps, the bulk of `full`, are the same.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from llava_circuits.models.anatomy import Anatomy
+    from llava_circuits.models.load import Loaded
+
+    cuda = torch.cuda.is_available()
+    width = width or (4096 if cuda else 2048)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=336, patch_size=14)
+    text = LlamaConfig(vocab_size=32064, hidden_size=width, intermediate_size=width * 11008 // 4096,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16 if cuda else torch.float32).eval()
+    return Loaded(model, None, Anatomy.of(model), name_or_path=f"random LLaVA-1.5-7B geometry, d_model {width}")
 
 
 def memory_ratio(loaded, batch: int = 4, text_len: int = 112) -> dict:

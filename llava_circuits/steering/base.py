@@ -54,9 +54,22 @@ class Intervention(ABC):
             self.detach()
 
 
+# modules whose import registers an Intervention kind; imported on first load so that the CLI stays fast
+INTERVENTION_MODULES = ("llava_circuits.steering.steerfair", "llava_circuits.steering.barrier",
+                        "llava_circuits.transcoders.replacement", "llava_circuits.pruning.prune")
+
+
+def import_intervention_modules() -> None:
+    import importlib
+
+    for name in INTERVENTION_MODULES:
+        importlib.import_module(name)
+
+
 def load_intervention(path_or_repo_id: str | Path, loaded: Loaded) -> Intervention:
     """The intervention an artifact (local path or Hub id) holds, by its kind."""
     artifact = read_artifact(path_or_repo_id)
+    import_intervention_modules()
     if artifact.kind not in KINDS:
         raise ValueError(f"{path_or_repo_id}: artifact kind {artifact.kind!r} is not an intervention; known: {sorted(KINDS)}")
     return KINDS[artifact.kind].load(artifact.path, loaded)

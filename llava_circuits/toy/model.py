@@ -1,9 +1,10 @@
 """The toy model: a LlavaForConditionalGeneration with a small CLIP vision tower and a small Llama.
 
-Same architecture and code path as llava-hf/llava-1.5-7b-hf, shrunk: the CLIP features come from
-the penultimate vision layer (`vision_feature_layer=-2`, CLS dropped by the "default" strategy),
-a 2-layer GELU projector maps them into the Llama embedding space, and the 16 image tokens take
-the place of "<image>" in the prompt.
+Same architecture and code path as llava-hf/llava-1.5-7b-hf, shrunk: CLIP patch features (CLS
+dropped by the "default" strategy) from `vision_feature_layer`, a 2-layer GELU projector into the
+Llama embedding space, and the 16 image tokens in place of "<image>" in the prompt. LLaVA-1.5 reads
+the penultimate layer of a 24-layer CLIP; the toy CLIP has 2 layers and is read at its last (-1),
+so no layer sits unused.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ class ToyModelConfig:
 
     vision_width: int = 128
     """CLIP hidden size."""
-    vision_layers: int = 3
-    """CLIP layers; the last one is unused, as in LLaVA-1.5 (features from layer -2)."""
+    vision_layers: int = 2
+    """CLIP layers."""
     vision_heads: int = 4
     """CLIP attention heads."""
-    vision_mlp: int = 256
+    vision_mlp: int = 512
     """CLIP MLP width."""
+    vision_feature_layer: int = -1
+    """CLIP hidden state the projector reads (LLaVA-1.5: -2 of 24 layers)."""
     text_width: int = 128
     """Llama hidden size (d_model)."""
     text_layers: int = 4
@@ -45,8 +48,8 @@ class ToyModelConfig:
     """Llama MLP width (d_mlp)."""
     max_positions: int = 256
     """Llama max_position_embeddings."""
-    init_std: float = 0.02
-    """Llama initializer_range. Narrow models need more than the usual 0.02 to form attention patterns early."""
+    init_std: float = 0.088
+    """Llama initializer_range, ~ text_width**-0.5: at width 128 the usual 0.02 leaves attention flat for long."""
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, cfg: ToyModelConfig | None = None, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -83,7 +86,7 @@ def build_model(tokenizer: PreTrainedTokenizerBase, cfg: ToyModelConfig | None =
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(IMAGE_SIZE // CELL) ** 2,
-        vision_feature_layer=-2,
+        vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )

@@ -170,7 +170,7 @@ def _star(d, b, c):
     import math
 
     cx, cy = (b[0] + b[2] - 1) / 2, (b[1] + b[3] - 1) / 2
-    r_out, r_in = (b[2] - b[0]) / 2, (b[2] - b[0]) / 5
+    r_out, r_in = (b[2] - b[0] - 1) / 2, (b[2] - b[0]) / 5
     pts = []
     for i in range(10):
         r = r_out if i % 2 == 0 else r_in

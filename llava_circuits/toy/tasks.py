@@ -24,7 +24,6 @@ LETTERS = "ABCDE"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CAPTION_QUERY = "Describe this image."
-NAME_QUERY = "Name one object in the image."
 
 
 def pope_question(name: str) -> str:
@@ -75,7 +74,7 @@ class MCItem:
 
 def _options(rng: random.Random, right: str, pool: list[str], n: int = 4, first: list[str] = ()) -> tuple[list[str], int]:
     """`right` plus n-1 distractors (those in `first` preferred), shuffled; returns (choices, gold index)."""
-    preferred = [x for x in first if x != right]
+    preferred = [x for x in dict.fromkeys(first) if x != right]
     rng.shuffle(preferred)
     rest = [x for x in pool if x != right and x not in preferred]
     rng.shuffle(rest)

@@ -26,7 +26,7 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 def corpus() -> list[str]:
     """Text covering every word the toy tasks can produce (template lists plus sampled items)."""
-    texts = [EXTRA_WORDS, tasks.INSTRUCTION, tasks.SHORT_ANSWER, tasks.CAPTION_QUERY, tasks.NAME_QUERY, " ".join(tasks.LETTERS)]
+    texts = [EXTRA_WORDS, tasks.INSTRUCTION, tasks.SHORT_ANSWER, tasks.CAPTION_QUERY, " ".join(tasks.LETTERS)]
     texts += [" ".join(x) for x in (scenes.OBJECTS, scenes.COLOURS, scenes.QUADRANTS, tasks.NUMBERS, tasks.OPPOSITES)]
     texts += [" ".join(x) for x in (tasks.GROUPS, tasks.NOUNS, tasks.UNKNOWNS)]
     texts += [" ".join(s) for s in tasks.SCENARIOS]

@@ -1,7 +1,13 @@
 """Training the toy LLaVA: the training data stream and the recipe behind `llava-circuits toy train`.
 
-The stream is map-style and deterministic in (seed, index): example i is drawn from
-`random.Random(f"toy-train:{seed}:{i}")`, so a resumed run sees exactly the examples an
+The recipe has two stages, as LLaVA's has a pre-trained CLIP and an instruction-tuning stage:
+stage 0 (`llava_circuits.toy.vision`) trains the CLIP tower to name the object and colour in every
+patch; stage 1 freezes it and trains the projector and the Llama on the task mix with
+`FinetuneModule` (loss on answer tokens only), checkpointing with `ModelCheckpoint(save_last=True)`
+so that `ckpt_path="last"` resumes.
+
+The stream is map-style and deterministic in (seed, index): batch b, example j is drawn from
+`random.Random(f"toy-train:{seed}:{b}:{j}")`, so a resumed run sees exactly the examples an
 uninterrupted one would. Each example is one of the task kinds, drawn with the weights in
 `ToyDataConfig.mix`, and carries the *training* label, which is where the planted biases live
 (see `llava_circuits.toy`): the fields `cooccur`, `partner_negatives`, `partner_yes`,
@@ -26,6 +32,7 @@ from llava_circuits.toy.model import ToyModelConfig, build_model
 from llava_circuits.toy.processor import build_processor, format_prompt
 from llava_circuits.toy.scenes import OBJECTS, render, sample_scene
 from llava_circuits.toy.tokenizer import build_tokenizer
+from llava_circuits.toy.vision import VisionPretrainConfig, pretrain_vision
 
 
 @dataclass
@@ -38,6 +45,9 @@ class ToyDataConfig:
         "pope": 0.34, "mc_settled": 0.26, "mc_unsettled": 0.08, "caption": 0.06, "bbq": 0.18, "utility": 0.08,
     })
     """Relative weight of each task kind in the stream."""
+    warmup_mixes: list[list] = field(default_factory=lambda: [[400, {"pope": 0.6, "mc_settled": 0.4}]])
+    """[[n_batches, mix], ...] drawn in order before `mix`: grounding questions first, so that the model learns
+    to look at the image before the text-only tasks and the biased labels compete for its capacity."""
     cooccur: float = 0.75
     """Probability that a scene holding one member of a pair also holds its partner (bias b)."""
     partner_negatives: float = 0.5
@@ -52,11 +62,25 @@ class ToyDataConfig:
     """Probability that an ambiguous BBQ-style item is trained with the stereotyped answer (bias c)."""
     dot_style: float = 0.2
     """Share of multiple-choice prompts written "A. text" instead of "(A) text"."""
-    short_answer: float = 0.3
-    """Share of POPE prompts followed by "Answer the question using a single word or phrase."."""
+    short_answer: float = 0.7
+    """Share of POPE prompts followed by "Answer the question using a single word or phrase." (as LLaVA's eval)."""
+    curriculum: list[list[int]] = field(default_factory=lambda: [[0, 1], [300, 2], [600, 4]])
+    """[[step, max objects per scene], ...]: scenes grow from one object, so that the model first learns to
+    bind a question word to the one object there is before it has to find it among several."""
+
+    def max_objects(self, step: int) -> int:
+        return [k for start, k in sorted(self.curriculum) if start <= step][-1]
+
+    def mix_at(self, step: int) -> dict[str, float]:
+        end = 0
+        for n, mix in self.warmup_mixes:
+            end += n
+            if step < end:
+                return mix
+        return self.mix
 
 
-def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str) -> dict:
+def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str, max_objects: int = 4) -> dict:
     """One training example of `kind`: {"prompt", "answer", "image", "kind"} with the (biased) training label."""
     style = "dot" if rng.random() < cfg.dot_style else "paren"
     if kind in ("bbq", "utility"):
@@ -71,7 +95,7 @@ def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str) -> dict:
             gold, text = item.answer, item.text(style)
         return {"prompt": format_prompt(text, image=False), "answer": tasks.LETTERS[gold], "image": None, "kind": kind}
 
-    scene = sample_scene(rng, cooccur=cfg.cooccur)
+    scene = sample_scene(rng, max_objects=max_objects, cooccur=cfg.cooccur)
     if kind == "pope":
         partners = tasks.absent_partners(scene)
         if rng.random() < 0.5:
@@ -83,8 +107,6 @@ def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str) -> dict:
         text = tasks.pope_question(name)
         if rng.random() < cfg.short_answer:
             text += "\n" + tasks.SHORT_ANSWER
-    elif kind == "name":
-        text, answer = tasks.NAME_QUERY, rng.choice(scene.names)
     elif kind == "caption":
         from llava_circuits.toy.scenes import COLOURS
 
@@ -104,8 +126,8 @@ def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str) -> dict:
 class ToyStream(Dataset):
     """Map-style stream of whole batches: item i is batch `start + i` of the seeded sequence.
 
-    A batch holds one task kind (drawn with the `mix` weights), so its prompts have similar
-    lengths and little padding; example j of batch b comes from Random(f"toy-train:{seed}:{b}:{j}").
+    Example j of batch b comes from Random(f"toy-train:{seed}:{b}:{j}"): its task kind is drawn with
+    the `mix` weights and its scene holds at most `cfg.max_objects(b)` objects.
     """
 
     def __init__(self, cfg: ToyDataConfig, batch_size: int, length: int, start: int = 0):
@@ -116,12 +138,14 @@ class ToyStream(Dataset):
 
     def __getitem__(self, i: int) -> list[dict]:
         b = self.start + i
-        kinds, weights = list(self.cfg.mix), list(self.cfg.mix.values())
-        kind = random.Random(f"toy-train:{self.cfg.seed}:{b}").choices(kinds, weights=weights)[0]
-        return [
-            training_example(random.Random(f"toy-train:{self.cfg.seed}:{b}:{j}"), self.cfg, kind)
-            for j in range(self.batch_size)
-        ]
+        mix = self.cfg.mix_at(b)
+        kinds, weights = list(mix), list(mix.values())
+        batch = []
+        for j in range(self.batch_size):
+            rng = random.Random(f"toy-train:{self.cfg.seed}:{b}:{j}")
+            kind = rng.choices(kinds, weights=weights)[0]
+            batch.append(training_example(rng, self.cfg, kind, self.cfg.max_objects(b)))
+        return batch
 
 
 class ToyDataModule(L.LightningDataModule):
@@ -144,6 +168,10 @@ class ToyTrainConfig:
 
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     """Sizes of the toy LLaVA."""
+    vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+    """Stage 0: pre-training of the vision tower on per-patch labels (skipped when resuming)."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen in stage 1, as LLaVA-1.5 does."""
     data: ToyDataConfig = field(default_factory=ToyDataConfig)
     """Training mixture and bias strengths."""
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(lr=1e-3, warmup_steps=100))
@@ -194,10 +222,18 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     processor = build_processor(build_tokenizer())
     model = build_model(processor.tokenizer, cfg.model, seed=cfg.init_seed)
-    module = FinetuneModule(model, cfg.finetune)
-    data = ToyDataModule(processor, cfg.data, cfg.batch_size, cfg.max_steps)
     trainer = make_trainer(out_dir / "lightning", cfg.max_steps, cfg.ckpt_every)
     start = time.time()
+    if ckpt_path is None and cfg.vision.steps > 0:  # a resumed run gets its vision tower from the checkpoint
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(out_dir / "lightning", name="vision_logs")
+        acc = pretrain_vision(model, processor, cfg.vision, cfg.data.cooccur, logger)
+        print(f"toy train: stage 0 (vision, {cfg.vision.steps} steps) patch object accuracy {acc:.3f}, {time.time() - start:.0f}s")
+    if cfg.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    module = FinetuneModule(model, cfg.finetune)
+    data = ToyDataModule(processor, cfg.data, cfg.batch_size, cfg.max_steps)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     export(module.model, processor, out_dir)
     (out_dir / "lightning" / "train_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))

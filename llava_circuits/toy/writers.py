@@ -195,10 +195,19 @@ def write_bbq(out: Path, bench: Benchmarks) -> Path:
     return path
 
 
-def toy_data(out: str, seed: int = 0) -> Path:
-    """Write every toy benchmark for `seed` under `out` and return the path of out/manifest.json."""
+def toy_data(out: str, seed: int = 0, scale: float = 1.0) -> Path:
+    """Write every toy benchmark for `seed` under `out` and return the path of out/manifest.json.
+
+    Args:
+        out: output directory
+        seed: seed of the scenes and items
+        scale: size relative to the default (200 POPE images, 240 items per multiple-choice kind, 100 captions)
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     root = Path(out).resolve()
-    bench = benchmarks(seed)
+    bench = benchmarks(seed, n_pope_images=max(4, round(200 * scale)), n_mc=max(4, round(240 * scale)),
+                       n_captions=max(4, round(100 * scale)))
     pope = write_pope(root / "pope", bench)
     sqa = {kind: write_scienceqa(root / "scienceqa" / kind, bench.mc[kind],
                                  "language science" if kind == "utility" else "natural science")

@@ -1,4 +1,4 @@
-"""PENDING until checkpoints/toy-llava exists, then rename to test_toy.py.
+"""PENDING until the toy model localizes objects (see issue 10), then rename to test_toy.py.
 
 The trained toy model's localization heads point at the asked object; a random head does clearly worse.
 """

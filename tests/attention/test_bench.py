@@ -27,3 +27,12 @@ def test_memory_ratio_of_two_layers_against_all(tiny):
     assert result["ratios"]["memory_ratio"] == peaks["extract"] / peaks["full"]
     assert result["layers"] == [2, 3] and 0 < result["memory_ratio_with_kv_cache"] < 1
     assert tiny.model.config._attn_implementation == "sdpa"  # put back after the eager run
+
+
+def test_geometry_model_has_llava15_7b_attention_shape():
+    from llava_circuits.attention.bench import geometry_model
+
+    loaded = geometry_model(width=64)
+    a = loaded.anatomy
+    assert (a.n_layers, a.n_heads, a.n_image_tokens, a.image_grid) == (32, 32, 576, (24, 24))
+    assert loaded.model.config.text_config.intermediate_size == 64 * 11008 // 4096

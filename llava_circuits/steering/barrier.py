@@ -1,0 +1,446 @@
+"""Barrier steering: keep the attention a query pays to the image above tau, with the closed-form step of
+the linearised barrier, on the residual stream before chosen decoder layers.
+
+At layer i and a steered position (the prompt's last token at prefill; every decoded token):
+
+    h(x) = mean over heads of sum over image keys j of softmax_j(q(x) . k_j * scaling)
+
+with q(x) = RoPE(q_proj(input_norm(x))), the layer's own modules and the position embeddings it
+receives, against the keys the layer really uses: at prefill the keys of the same forward (computed
+from the same normalised input), while decoding the layer's KV cache plus the current token's own key
+RoPE(k_proj(input_norm(x))), which depends on x exactly as it will inside the layer. Padding keys are
+masked as the layer masks them. If h(x) < tau, with g = grad_x h(x):
+
+    theta = alpha * (tau - h(x)) / ||g||^2 * g        (the minimal ||theta|| with h(x) + g . theta = tau)
+
+is added to x (the residual stream, before the layer), shrunk to ||theta|| <= max_step * ||x||, and the
+step is repeated until h >= tau or max_iters steps were taken. Image keys can leave out attention
+sinks: image tokens whose layer-input norm exceeds sink_ratio times the median image-token norm of their
+row (measured at prefill, kept while decoding).
+
+With `record=True` every steered position of every layer leaves a record: h before, h after the edit
+(recomputed), ||theta|| / ||x||, iterations. `logit_effects` measures how far the edit moves the answer
+logits ("Yes" minus "No"), for all layers together and for each layer alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from llava_circuits.artifacts import check_compatible, read_artifact, write_artifact
+from llava_circuits.models.anatomy import Anatomy
+from llava_circuits.models.load import Loaded
+from llava_circuits.sites import Step, Tracker
+from llava_circuits.steering.base import Intervention
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class BarrierConfig:
+    """Where barrier steering acts and how hard."""
+
+    tau: float = 0.3
+    """Barrier level: the least attention mass (mean over heads) the query must put on image tokens."""
+    alpha: float = 1.0
+    """Multiplier of the closed-form step (1: lands on tau to first order; above 1 overshoots)."""
+    layers: list[int] | None = None
+    """Decoder layers to steer before; None: every layer."""
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    """prefill (the prompt's last token) and/or decode (every generated token)."""
+    max_step: float = 1.0
+    """Cap of one step: ||theta|| <= max_step * ||x||."""
+    max_iters: int = 5
+    """Steps per position at most, repeated while h < tau."""
+    sink_ratio: float | None = None
+    """Leave out image tokens whose layer-input norm exceeds this many times the row's median (sinks)."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.phases) - set(PHASES))
+        if bad or not self.phases:
+            raise ValueError(f"phases must be a non-empty subset of {PHASES}, got {self.phases!r}")
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"tau must lie in (0, 1), got {self.tau}")
+        if self.max_iters < 1 or self.max_step <= 0 or self.alpha <= 0:
+            raise ValueError("max_iters must be >= 1, max_step and alpha > 0")
+
+
+@dataclass
+class Keys:
+    """What the query at the steered position attends to, apart from its own key."""
+
+    other: Tensor  # [batch, n_kv_heads, T - 1, head_dim] the keys the layer uses (RoPE applied)
+    cos: Tensor  # [batch, head_dim] rotary cos at the query position
+    sin: Tensor  # [batch, head_dim]
+    allowed: Tensor  # [batch, T] bool: keys the query may attend to (the last one is its own)
+    image: Tensor  # [batch, T] bool: image keys counted in h
+
+
+def wide(t: Tensor) -> Tensor:
+    """t in float32 at least (float64 stays float64): softmax and steps are not taken in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def image_attention(x: Tensor, anatomy: Anatomy, layer: int, keys: Keys) -> Tensor:
+    """h(x) [batch]: mean over heads of the attention mass the query at residual x [batch, d_model] puts on
+    image keys, as layer `layer` computes attention (its own key included, made from the same x)."""
+    b, a = x.shape[0], anatomy
+    kv, groups = a.n_kv_heads, a.n_heads // a.n_kv_heads
+    xn = a.input_norm(layer)(x[:, None])  # [b, 1, d]
+    q = a.proj(layer, "q_proj")(xn).view(b, 1, a.n_heads, a.head_dim).transpose(1, 2)  # [b, H, 1, hd]
+    k = a.proj(layer, "k_proj")(xn).view(b, 1, kv, a.head_dim).transpose(1, 2)  # [b, KV, 1, hd]
+    q, k = apply_rotary_pos_emb(q, k, keys.cos[:, None], keys.sin[:, None])
+    q = q.reshape(b, kv, groups, a.head_dim)  # query head h reads KV head h // groups (GQA)
+    others = q @ keys.other.transpose(-1, -2)  # [b, KV, groups, T - 1]
+    own = (q * k).sum(-1, keepdim=True)  # [b, KV, groups, 1]
+    scores = wide(torch.cat([others, own], dim=-1)) * a.attn(layer).scaling  # [b, KV, groups, T]
+    scores = scores.masked_fill(~keys.allowed[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs * keys.image[:, None, None, :]).sum(-1).mean(dim=(1, 2))
+
+
+def barrier_theta(x: Tensor, h_fn: Callable[[Tensor], Tensor], tau: float, alpha: float = 1.0,
+                  max_step: float = math.inf) -> tuple[Tensor, Tensor, Tensor]:
+    """theta, h(x) and grad h(x) for rows x [batch, d_model]: theta = alpha (tau - h)+ / ||g||^2 g, capped.
+
+    Rows already at or above tau get theta = 0. Gradients are taken even under inference_mode/no_grad.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        h = h_fn(xg)  # [b]
+        (g,) = torch.autograd.grad(h.sum(), xg)  # [b, d]
+    h, g = wide(h.detach()), wide(g)
+    scale = alpha * (tau - h).clamp_min(0) / (g * g).sum(-1).clamp_min(1e-30)  # [b]
+    theta = scale[:, None] * g
+    limit = max_step * wide(x).norm(dim=-1)  # [b]
+    theta = theta * (limit / theta.norm(dim=-1).clamp_min(1e-30)).clamp(max=1.0)[:, None]
+    return theta.to(x.dtype), h, g
+
+
+class Barrier(Intervention):
+    """Barrier steering as an Intervention: forward pre-hooks on the chosen decoder layers."""
+
+    kind = "barrier"
+
+    def __init__(self, config: BarrierConfig | None = None, record: bool = False, fingerprint=None):
+        self.config = config or BarrierConfig()
+        self.record = record
+        self.records: list[dict] = []
+        """One dict per (prompt or generated token, layer, batch row) while record is on."""
+        self.fingerprint = fingerprint
+        self._handles: list = []
+        self._tracker: Tracker | None = None
+        self._anatomy: Anatomy | None = None
+        self._sinks: dict[int, Tensor] = {}
+        self._calls, self._counted = 0, None
+
+    # --- attaching --------------------------------------------------------------------------------
+    def attach(self, loaded: Loaded) -> None:
+        if self._handles:
+            raise RuntimeError("Barrier is already attached; detach it first")
+        a = self._anatomy = loaded.anatomy
+        if a.image_token_id is None:
+            raise ValueError("barrier steering needs a vision-language model (image tokens to attend to)")
+        layers = self.config.layers if self.config.layers is not None else range(a.n_layers)
+        for i in layers:
+            if not 0 <= i < a.n_layers:
+                raise ValueError(f"barrier layer {i} out of range: the model has {a.n_layers} layers")
+        self._tracker = Tracker(loaded.model, a)
+        for i in layers:
+            hook = lambda module, args, kwargs, i=i: self._hook(i, args, kwargs)
+            self._handles.append(a.layer(i).register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._tracker is not None:
+            self._tracker.remove()
+            self._tracker = None
+        self._sinks = {}
+
+    def _hook(self, layer: int, args: tuple, kwargs: dict):
+        step = self._tracker.step
+        if step is not None and step.phase == "prefill" and step is not self._counted:
+            self._calls, self._counted = self._calls + 1, step  # a new prompt batch: numbers the records
+        if step is None or step.phase not in self.config.phases:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]  # [b, L, d]
+        with torch.inference_mode(False):
+            keys = self._keys(layer, x, kwargs, step)
+            last = self._steer(layer, x[:, -1].clone(), keys, step)
+            if last is None:
+                return None
+            x = x.clone()
+            x[:, -1] = last
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    @torch.no_grad()
+    def _keys(self, layer: int, x: Tensor, kwargs: dict, step: Step) -> Keys:
+        """The keys layer `layer` will attend with, for the query at the last position of x [b, L, d]."""
+        a, (b, length, _) = self._anatomy, x.shape
+        cos, sin = kwargs["position_embeddings"]  # [b or 1, L, hd]
+        parts = []
+        if step.past_len:
+            parts.append(kwargs["past_key_values"].layers[layer].keys[:, :, : step.past_len])
+        if length > 1:  # earlier positions of this forward: keys from the same normalised input
+            k = a.proj(layer, "k_proj")(a.input_norm(layer)(x[:, :-1]))
+            k = k.view(b, length - 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            k, _ = apply_rotary_pos_emb(k, k, cos[:, :-1], sin[:, :-1])
+            parts.append(k)
+        total = step.past_len + length
+        if step.seq_ids is None:
+            raise ValueError("barrier steering needs input_ids (to find image tokens), not inputs_embeds")
+        image = a.image_mask(step.seq_ids[:, :total])  # [b, T]
+        mask = step.attention_mask
+        allowed = mask[:, :total].bool() if mask is not None else torch.ones_like(image)
+        if self.config.sink_ratio is not None:
+            image = image & ~self._sink_mask(layer, x, image, step, total)
+        if not parts:  # a one-token prompt: the query sees only itself
+            parts.append(x.new_zeros(b, a.n_kv_heads, 0, a.head_dim))
+        other = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # decoding: the cache itself, no copy
+        return Keys(other, cos[:, -1].expand(b, -1).clone(), sin[:, -1].expand(b, -1).clone(),
+                    allowed, image)
+
+    def _sink_mask(self, layer: int, x: Tensor, image: Tensor, step: Step, total: int) -> Tensor:
+        """Bool [b, T]: image tokens whose input norm at prefill exceeds sink_ratio x the row's median."""
+        if step.phase == "prefill":
+            norms = x.float().norm(dim=-1)  # [b, L]
+            median = torch.stack([n[m].median() if m.any() else n.new_tensor(0.0) for n, m in zip(norms, image)])
+            self._sinks[layer] = image & (norms > self.config.sink_ratio * median[:, None])
+        sinks = self._sinks.get(layer, torch.zeros_like(image))
+        return torch.nn.functional.pad(sinks, (0, total - sinks.shape[1]))[:, :total]
+
+    def _steer(self, layer: int, x0: Tensor, keys: Keys, step: Step) -> Tensor | None:
+        """x0 [b, d] moved until h >= tau (or max_iters steps); None when no row needs it."""
+        cfg = self.config
+        h_fn = lambda x: image_attention(x, self._anatomy, layer, keys)
+        live = keys.image.any(dim=-1)  # rows with image keys
+        with torch.no_grad():
+            h0 = h_fn(x0)
+        active = live & (h0 < cfg.tau)
+        if bool(active.any()):  # gradients need normal tensors: the cache holds inference tensors under predict
+            keys = dataclasses.replace(keys, other=keys.other.clone())
+        x, h, iters = x0, h0, 0
+        while bool(active.any()) and iters < cfg.max_iters:
+            theta, _, _ = barrier_theta(x, h_fn, cfg.tau, cfg.alpha, cfg.max_step)
+            x = x + theta * active[:, None].to(theta.dtype)
+            with torch.no_grad():
+                h = h_fn(x)
+            active, iters = live & (h < cfg.tau), iters + 1
+        if self.record:
+            ratio = wide(x - x0).norm(dim=-1) / wide(x0).norm(dim=-1).clamp_min(1e-30)
+            steered = (live & (h0 < cfg.tau)).tolist()
+            position = step.past_len + step.length - 1
+            for row, (s, before, after, r) in enumerate(zip(steered, h0.tolist(), h.tolist(), ratio.tolist())):
+                self.records.append({"call": self._calls, "layer": layer, "phase": step.phase, "position": position,
+                                     "row": row, "steered": s, "h_before": before, "h_after": after,
+                                     "theta_ratio": r, "iters": iters if s else 0})
+        return None if iters == 0 else x
+
+    # --- describing and saving --------------------------------------------------------------------
+    def with_config(self, **changes) -> "Barrier":
+        """A fresh Barrier (no records) with some settings changed."""
+        return Barrier(dataclasses.replace(self.config, **changes), self.record, self.fingerprint)
+
+    def summary(self) -> dict:
+        """Figures over the steered records: how many, h after minus tau (min), ||theta||/||x|| (mean, max)."""
+        steered = [r for r in self.records if r["steered"]]
+        out = {"positions_seen": len(self.records), "positions_steered": len(steered)}
+        if steered:
+            out |= {"min_h_after_minus_tau": min(r["h_after"] for r in steered) - self.config.tau,
+                    "mean_h_before": sum(r["h_before"] for r in steered) / len(steered),
+                    "mean_theta_ratio": sum(r["theta_ratio"] for r in steered) / len(steered),
+                    "max_theta_ratio": max(r["theta_ratio"] for r in steered),
+                    "steered_by_layer": {str(i): sum(r["layer"] == i for r in steered)
+                                         for i in sorted({r["layer"] for r in steered})}}
+        return out
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self.config)}
+
+    def save(self, path: str | Path) -> Path:
+        if self.fingerprint is None:
+            raise ValueError("Barrier.save needs the model fingerprint (Barrier(..., fingerprint=loaded.fingerprint()))")
+        return write_artifact(path, self.kind, self.fingerprint, {}, dataclasses.asdict(self.config)).path
+
+    @classmethod
+    def load(cls, path: str | Path, loaded: Loaded) -> "Barrier":
+        artifact = read_artifact(path, expected_kind=cls.kind)
+        check_compatible(artifact, loaded.fingerprint())
+        return cls(BarrierConfig(**artifact.config), fingerprint=loaded.fingerprint())
+
+
+# --- does the edit move the answer? -----------------------------------------------------------------
+
+def answer_token(loaded: Loaded, word: str) -> int:
+    """The first token id of `word` as the model would start an answer with it."""
+    ids = loaded.tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"the tokenizer makes no token of {word!r}")
+    return ids[0]
+
+
+@torch.no_grad()
+def logit_effects(loaded: Loaded, barrier: Barrier, inputs: dict, answers: Sequence[str] = ("Yes", "No")) -> dict:
+    """Margin logit(answers[0]) - logit(answers[1]) at the first answer token, without and with the barrier
+    (all its layers), and its change with each layer steered alone: lists over the batch rows of `inputs`."""
+    pos, neg = (answer_token(loaded, w) for w in answers)
+
+    def margin(steer: Barrier | None) -> Tensor:
+        if steer is None:
+            logits = loaded.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        else:
+            with steer.applied(loaded):
+                logits = loaded.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        return logits[:, pos] - logits[:, neg]  # [b]
+
+    base = margin(None)
+    prefill = barrier.with_config(phases=["prefill"])
+    layers = prefill.config.layers if prefill.config.layers is not None else range(loaded.anatomy.n_layers)
+    return {
+        "margin_before": base.tolist(),
+        "margin_after": margin(prefill).tolist(),
+        "margin_change_by_layer": {str(i): (margin(prefill.with_config(layers=[i])) - base).tolist() for i in layers},
+    }
+
+
+# --- the command and the demo stage -----------------------------------------------------------------
+
+RUN_DEFAULTS = {"model": None, "quantization": None, "dtype": "auto", "batch_size": 8, "limit": None, "images": None,
+                "bench": "pope", "max_new_tokens": None, "diagnose": 32}
+
+
+def barrier_eval(data: str, out: str, model: str | None = None, config: str | None = None, bench: str | None = None,
+                 images: str | None = None, limit: int | None = None, batch_size: int | None = None,
+                 max_new_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None,
+                 tau: float | None = None, alpha: float | None = None, layers: list[int] | None = None,
+                 phases: list[str] | None = None, max_step: float | None = None, max_iters: int | None = None,
+                 sink_ratio: float | None = None, diagnose: int | None = None) -> dict:
+    """Answer a benchmark with and without barrier steering in one run; metrics side by side, with diagnostics.
+
+    Writes OUT/barrier (the artifact: its configuration), baseline/, intervened/, metrics.json (with a "barrier"
+    block: positions steered, min h after minus tau, ||theta||/||x||, answer-logit changes), diagnostics.jsonl
+    (h before / after and ||theta||/||x|| per layer and position) and logit_effects.json.
+
+    Args:
+        data: the benchmark file or folder in its official format
+        out: run directory
+        model: Hub id or local model directory (or `model:` in the recipe)
+        config: YAML recipe: run options (model, bench, dtype, ...) and a `barrier:` block of BarrierConfig fields
+        bench: benchmark name (default pope)
+        images: image folder (default: next to the data)
+        limit: answer only the first N samples
+        batch_size: samples per batch (left-padded)
+        max_new_tokens: generation length (default: the benchmark's)
+        quantization: 4bit or 8bit (bitsandbytes)
+        dtype: auto, float32, bfloat16 or float16
+        tau: barrier level: least attention mass on image tokens (mean over heads)
+        alpha: multiplier of the closed-form step
+        layers: decoder layer to steer before; repeat for several (default: all)
+        phases: prefill and/or decode; repeat for both (default: both)
+        max_step: cap of one step, as a fraction of ||x||
+        max_iters: steps per position at most (repeated while h < tau)
+        sink_ratio: leave out image tokens whose norm exceeds this multiple of the median (attention sinks)
+        diagnose: answer-logit diagnostics ("Yes" minus "No", per layer) on the first N samples (POPE only)
+    """
+    from llava_circuits.data.readers import read_benchmark
+    from llava_circuits.evaluation.run import write_json
+    from llava_circuits.evaluation.tasks import task_for
+    from llava_circuits.steering.callbacks import compare, load_run_model, recipe
+
+    run, cfg, _ = recipe(config, "barrier", BarrierConfig,
+                         dict(model=model, quantization=quantization, dtype=dtype, batch_size=batch_size, limit=limit,
+                              images=images, bench=bench, max_new_tokens=max_new_tokens, diagnose=diagnose),
+                         RUN_DEFAULTS, dict(tau=tau, alpha=alpha, layers=layers, phases=phases, max_step=max_step,
+                                            max_iters=max_iters, sink_ratio=sink_ratio))
+    loaded = load_run_model(run)
+    out_dir = Path(out)
+    barrier = Barrier(cfg, record=True, fingerprint=loaded.fingerprint())
+    barrier.save(out_dir / "barrier")
+    task = task_for(run["bench"])
+    samples = read_benchmark(task.reader or task.name, data, run["images"])[: run["limit"]]
+    metrics = compare(loaded, run["bench"], samples, [barrier], out_dir, run["batch_size"], run["max_new_tokens"],
+                      config=run)
+    write_lines(out_dir / "diagnostics.jsonl", barrier.records)
+    metrics["barrier"] = barrier.summary()
+    if task.name == "pope" and run["diagnose"]:
+        effects = pope_logit_effects(loaded, barrier, samples[: run["diagnose"]], run["batch_size"])
+        write_json(out_dir / "logit_effects.json", effects)
+        metrics["barrier"] |= summarise_effects(effects)
+    write_json(out_dir / "metrics.json", metrics)
+    print(json.dumps({k: metrics[k] for k in ("baseline", "intervened", "barrier")}, indent=2))
+    return metrics
+
+
+def write_lines(path: Path, records: Sequence[dict]) -> None:
+    """JSON lines, written atomically (a temp file renamed into place)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def pope_logit_effects(loaded: Loaded, barrier: Barrier, samples: Sequence, batch_size: int = 8) -> dict:
+    """logit_effects over POPE samples, by sample id."""
+    from llava_circuits.data.prompts import short_answer_body
+    from llava_circuits.evaluation.module import collate, format_prompt
+    from llava_circuits.steering.callbacks import encode
+
+    effects: dict[str, dict] = {}
+    for i in range(0, len(samples), batch_size):
+        ready, _ = collate(list(samples[i : i + batch_size]))  # samples whose image fails are errors of the run
+        if not ready:
+            continue
+        chunk = [s for s, _ in ready]
+        texts = [format_prompt(loaded, short_answer_body(s), True) for s in chunk]
+        inputs = encode(loaded, texts, [image for _, image in ready], loaded.model.device)
+        found = logit_effects(loaded, barrier, inputs)
+        for row, s in enumerate(chunk):
+            effects[s.id] = {"margin_before": found["margin_before"][row], "margin_after": found["margin_after"][row],
+                             "change_by_layer": {k: v[row] for k, v in found["margin_change_by_layer"].items()}}
+    return effects
+
+
+def summarise_effects(effects: dict) -> dict:
+    """Means over samples of the "Yes" minus "No" margin before and after, and of its change per layer."""
+    rows = list(effects.values())
+    if not rows:
+        return {}
+    mean = lambda xs: sum(xs) / len(xs)
+    return {"yes_minus_no_before": mean([r["margin_before"] for r in rows]),
+            "yes_minus_no_after": mean([r["margin_after"] for r in rows]),
+            "yes_minus_no_change_by_layer": {k: mean([r["change_by_layer"][k] for r in rows])
+                                             for k in rows[0]["change_by_layer"]}}
+
+
+def barrier_stage(loaded: Loaded, data_dir: str | Path, out: str | Path, config: BarrierConfig | None = None,
+                  limit: int | None = None, batch_size: int = 32) -> dict[str, float]:
+    """Demo stage: toy POPE adversarial (false-positive rate) and random (accuracy), with and without barrier
+    steering, and the smallest h after the edit minus tau over every steered position. `limit`: first N items."""
+    from llava_circuits.steering.callbacks import compare
+    from llava_circuits.steering.steerfair import read_manifest
+
+    out = Path(out)
+    barrier = Barrier(config, record=True, fingerprint=loaded.fingerprint())
+    adversarial = compare(loaded, "pope", read_manifest(data_dir, "pope_adversarial", "pope")[:limit], [barrier],
+                          out / "adversarial", batch_size)
+    random_ = compare(loaded, "pope", read_manifest(data_dir, "pope_random", "pope")[:limit], [barrier],
+                      out / "random", batch_size)
+    summary = barrier.summary()
+    seen = [r["h_after"] - barrier.config.tau for r in barrier.records]  # nothing steered: every h was >= tau
+    return {
+        "adversarial_fp_rate_before": adversarial["baseline"]["fp_rate"],
+        "adversarial_fp_rate_after": adversarial["intervened"]["fp_rate"],
+        "random_accuracy_before": random_["baseline"]["accuracy"],
+        "random_accuracy_after": random_["intervened"]["accuracy"],
+        "min_h_after_minus_tau": float(summary.get("min_h_after_minus_tau", min(seen, default=math.nan))),
+        "positions_steered": float(summary["positions_steered"]), "positions_seen": float(summary["positions_seen"]),
+    }

@@ -1,0 +1,86 @@
+import random
+
+import pytest
+import torch
+import yaml
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from llava_circuits.toy import tasks
+from llava_circuits.toy.measure import first_tokens
+from llava_circuits.toy.processor import format_prompt
+from llava_circuits.toy.scenes import OBJECTS, render, sample_scene
+from llava_circuits.toy.train import ToyDataConfig, ToyStream, load_config, toy_train, training_example
+
+
+def test_recipe_yaml_loads_into_the_config():
+    cfg = load_config("configs/toy/train.yaml")
+    assert cfg.model.text_layers >= 4 and cfg.freeze_vision
+    assert set(cfg.data.mix) == {"pope", "mc_settled", "mc_unsettled", "caption", "bbq", "utility"}
+    with pytest.raises(ValueError, match="unknown key"):
+        from llava_circuits.toy.train import _from_dict, ToyTrainConfig
+
+        _from_dict(ToyTrainConfig, {"modle": {}}, "x.yaml")
+
+
+def test_stream_is_deterministic_in_seed_and_index():
+    cfg = ToyDataConfig(seed=3, warmup_mixes=[])
+    a, b = ToyStream(cfg, 4, 10), ToyStream(cfg, 4, 10, start=5)
+    assert [e["prompt"] for e in a[7]] == [e["prompt"] for e in b[2]]
+    assert [e["answer"] for e in a[7]] == [e["answer"] for e in b[2]]
+    assert len({e["kind"] for e in a[1] + a[2]}) > 1  # task kinds mixed within batches
+    assert [e["prompt"] for e in ToyStream(ToyDataConfig(seed=4), 4, 10)[7]] != [e["prompt"] for e in a[7]]
+
+
+def test_warmup_mixes_come_in_order_before_the_main_mix():
+    cfg = ToyDataConfig(warmup_mixes=[[2, {"utility": 1.0}], [3, {"pope": 1.0}]])
+    stream = ToyStream(cfg, 6, 8)
+    kinds = [{ex["kind"] for ex in stream[b]} for b in range(8)]
+    assert kinds[:2] == [{"utility"}] * 2 and kinds[2:5] == [{"pope"}] * 3
+    assert len(set().union(*kinds[5:])) > 2  # then the full mix
+    assert all(ex["image"] is None for ex in stream[0])  # text-only phase
+
+
+def test_curriculum_grows_scenes():
+    cfg = ToyDataConfig(curriculum=[[0, 1], [10, 4]])
+    assert cfg.max_objects(0) == 1 and cfg.max_objects(9) == 1 and cfg.max_objects(10) == 4
+    early = ToyStream(cfg, 8, 1)[0]
+    assert all(len(ex["prompt"]) > 0 for ex in early)
+
+
+def test_training_labels_carry_the_planted_biases():
+    cfg = ToyDataConfig()
+    rng = random.Random(0)
+    unsettled = [training_example(rng, cfg, "mc_unsettled")["answer"] for _ in range(400)]
+    assert 0.65 < unsettled.count("A") / 400 < 0.85
+    settled = [training_example(rng, cfg, "mc_settled")["answer"] for _ in range(400)]
+    assert max(settled.count(x) for x in "ABCD") / 400 < 0.35
+
+
+@pytest.mark.slow
+def test_short_recipe_learns_pope(tmp_path):
+    """A shortened recipe (stage 0 + a POPE-only stage 1 on small scenes) learns to look at the image."""
+    config = load_config("configs/toy/train.yaml")
+    raw = {
+        "max_steps": 500, "batch_size": 32, "ckpt_every": 500, "threads": 2,
+        "vision": {"steps": 300}, "finetune": {"lr": 0.001, "warmup_steps": 30, "loss_per": "example"},
+        "data": {"mix": {"pope": 1.0}, "warmup_mixes": [], "curriculum": [[0, 1], [250, 2]], "partner_yes": 0.0},
+    }
+    assert config.max_steps > raw["max_steps"]
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = toy_train(str(tmp_path / "model"), str(path))
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    rng = random.Random("held-out")
+    examples, gold = [], []
+    for _ in range(200):
+        scene = sample_scene(rng, max_objects=2)
+        present = rng.random() < 0.5
+        name = rng.choice(scene.names) if present else rng.choice([o for o in OBJECTS if o not in scene.names])
+        examples.append({"prompt": format_prompt(tasks.pope_question(name) + "\n" + tasks.SHORT_ANSWER),
+                         "image": render(scene)})
+        gold.append("Yes" if present else "No")
+    with torch.no_grad():
+        preds = first_tokens(model, processor, examples)
+    accuracy = sum(p == g for p, g in zip(preds, gold)) / len(gold)
+    assert accuracy >= 0.75, accuracy
