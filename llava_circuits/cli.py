@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["transcoders"] and argv[1:2] in (["fit"], ["validate"]):
         from llava_circuits.transcoders.module import transcoders_cli
 
-        transcoders_cli(argv[1:])
+        transcoders_cli(argv[1:], prog="llava-circuits transcoders")
         return 0
     parser = build_parser()
     args = vars(parser.parse_args(argv))

@@ -501,10 +501,11 @@ class FinalCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def transcoders_cli(args: list[str] | None = None):
+def transcoders_cli(args: list[str] | None = None, prog: str | None = None):
     """`transcoders fit|validate -c CONFIG [--ckpt_path last] [--trainer.devices N --trainer.strategy ddp|layer_sharded]`.
 
     `args` starts with the subcommand (`["fit", "-c", "configs/transcoders/toy.yaml"]`); None reads sys.argv.
+    `prog` names the program in usage lines (the CLI passes "llava-circuits transcoders").
 
     A ModelCheckpoint(save_last=True) writing to {default_root_dir}/checkpoints is added unless the
     config has one, so `--ckpt_path last` finds the last checkpoint of an earlier run in the same root.
@@ -532,6 +533,7 @@ def transcoders_cli(args: list[str] | None = None):
 
     return TranscoderCLI(
         TranscoderModule, TranscoderDataModule, args=args, save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": prog} if prog else None,
         trainer_defaults={"num_sanity_val_steps": 0, "plugins": [MmapCheckpointIO()]},
     )
 
