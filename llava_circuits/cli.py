@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                        ("validate", "Validate a checkpoint: FVU, L0, dead features, replacement KL and agreement")):
         tc.add_parser(name, help=what, add_help=False)  # parsed by LightningCLI in main()
     _command(tc, "export", transcoders_export)
+    from llava_circuits.features import capture as fcapture, classify as fclassify, mapping as fmapping
+    from llava_circuits.features import plots as fplots, stats as fstats, steer as fsteer
+
+    ft = _group(sub, "features", "Transcoder features that separate good answers from bad: capture, classify, analyze, map, steer")
+    _command(ft, "capture", fcapture.features_capture, positional=["bench"])
+    _command(ft, "classify", fclassify.features_classify)
+    _command(ft, "analyze", fstats.features_analyze)
+    _command(ft, "map", fmapping.features_map)
+    _command(ft, "steer", fsteer.features_steer)
+    _command(ft, "plot", fplots.features_plot)
+    from llava_circuits.attribution.commands import attribute
+
+    _command(sub, "attribute", attribute)
     _command(sub, "bench", bench.bench, positional=["name"])
     return parser
 

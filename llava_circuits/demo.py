@@ -99,25 +99,39 @@ TRANSCODERS_BARS = {
 }
 
 
+def features_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
+    from llava_circuits.features.stage import features_stage as run
+
+    return run(loaded, data_dir, out)
+
+
+def attribution_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
+    from llava_circuits.attribution.stage import attribution_stage as run
+
+    return run(loaded, data_dir, out)  # reads the transcoders stage's artifact from out/../transcoders
+
+
+def stage_bars(module: str, name: str) -> dict:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 def pruning_stage(loaded: Loaded, data_dir: Path, out: Path) -> dict:
     from llava_circuits.pruning.stage import pruning_stage as run
 
     return run(loaded, data_dir, out)
 
 
-def pruning_bars() -> dict:
-    from llava_circuits.pruning.stage import PRUNING_BARS
-
-    return PRUNING_BARS
-
-
 STAGES: list[tuple[str, Callable[[Loaded, Path, Path], dict], dict]] = [
     ("toy", toy_stage, TOY_BARS),
     ("attention", attention_stage, ATTENTION_BARS),
     ("transcoders", transcoders_stage, TRANSCODERS_BARS),
+    ("features", features_stage, stage_bars("llava_circuits.features.stage", "FEATURES_BARS")),
+    ("attribution", attribution_stage, stage_bars("llava_circuits.attribution.stage", "BARS")),
     ("steerfair", steerfair_stage, STEERFAIR_BARS),
     ("barrier", barrier_stage, BARRIER_BARS),
-    ("pruning", pruning_stage, pruning_bars()),
+    ("pruning", pruning_stage, stage_bars("llava_circuits.pruning.stage", "PRUNING_BARS")),
 ]
 
 
