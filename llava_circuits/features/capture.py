@@ -186,7 +186,7 @@ class ActivationCapture(Callback):
 
 def launcher_rank() -> int:
     """This process's global rank as Lightning's launcher sets it for the processes it starts (0 otherwise)."""
-    return int(os.environ.get("NODE_RANK", 0)) * 1000 + int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("NODE_RANK", "0")) * 1000 + int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def capture_loaded(loaded: Loaded, replacement: ReplacementModel, bench: str, data: str | Path, out: str | Path,

@@ -17,15 +17,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+from safetensors import safe_open
 
-from llava_circuits.features.capture import IMAGE  # noqa: E402
-from llava_circuits.features.config import AnalyzeConfig  # noqa: E402
-from llava_circuits.features.stats import pooled  # noqa: E402
-from llava_circuits.features.store import iter_samples  # noqa: E402
+from llava_circuits.features.capture import IMAGE
+from llava_circuits.features.config import AnalyzeConfig
+from llava_circuits.features.stats import pooled
+from llava_circuits.features.store import iter_samples
 
 
 def save(fig, path: Path) -> Path:

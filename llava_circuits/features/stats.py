@@ -34,7 +34,13 @@ from safetensors.torch import save_file
 from scipy.special import gammaln, ndtr
 
 from llava_circuits.evaluation.run import write_json
-from llava_circuits.features.config import AnalyzeConfig, FeaturesConfig, check, load_config, override
+from llava_circuits.features.config import (
+    AnalyzeConfig,
+    FeaturesConfig,
+    check,
+    load_config,
+    override,
+)
 from llava_circuits.features.store import iter_samples
 
 
@@ -99,7 +105,7 @@ def fisher_p(a: np.ndarray, b: np.ndarray, n_good: int, n_bad: int) -> np.ndarra
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     k, n = a + b, n_good + n_bad
     out = np.ones(a.shape)
-    lchoose = lambda m, x: gammaln(m + 1) - gammaln(x + 1) - gammaln(m - x + 1)  # noqa: E731
+    lchoose = lambda m, x: gammaln(m + 1) - gammaln(x + 1) - gammaln(m - x + 1)
     for kk in np.unique(k):
         lo, hi = max(0, kk - n_bad), min(kk, n_good)
         x = np.arange(lo, hi + 1)

@@ -24,7 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llava_circuits.artifacts import ModelFingerprint, check_compatible, read_artifact, write_artifact
+from llava_circuits.artifacts import (
+    ModelFingerprint,
+    check_compatible,
+    read_artifact,
+    write_artifact,
+)
 from llava_circuits.features.capture import PositionTagger
 from llava_circuits.features.config import TAGS, SteerConfig, load_config, override
 from llava_circuits.models.load import Loaded
@@ -88,7 +93,7 @@ class FeatureSteering(Intervention):
 
     @classmethod
     def build(cls, transcoders: TranscoderSet, features: list[tuple[int, int]], cfg: SteerConfig,
-              fingerprint: ModelFingerprint | None = None, source: str | None = None) -> "FeatureSteering":
+              fingerprint: ModelFingerprint | None = None, source: str | None = None) -> FeatureSteering:
         """Steering of `features` of a full transcoder set, reduced to what it needs unless transcoders_in_loop."""
         if cfg.transcoders_in_loop:
             return cls(transcoders, features, None, cfg, fingerprint, source)
@@ -151,7 +156,7 @@ class FeatureSteering(Intervention):
         return write_artifact(path, self.kind, self.fingerprint, tensors, config).path
 
     @classmethod
-    def load(cls, path: str | Path, loaded: Loaded) -> "FeatureSteering":
+    def load(cls, path: str | Path, loaded: Loaded) -> FeatureSteering:
         from llava_circuits.features.config import FeaturesConfig, check
         from llava_circuits.transcoders.io import load_transcoders
 

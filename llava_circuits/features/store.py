@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -45,7 +45,7 @@ class SampleActs:
     feature: Tensor  # [m] int32
     value: Tensor  # [m] float
 
-    def at(self, tags: list[str]) -> "SampleActs":
+    def at(self, tags: list[str]) -> SampleActs:
         """Only the activations at positions with one of `tags`."""
         keep_pos = torch.isin(self.tags, torch.tensor([TAGS.index(t) for t in tags], dtype=self.tags.dtype))
         keep = keep_pos[self.position.long()]
@@ -80,7 +80,7 @@ def write_shard(run: str | Path, rank: int, samples: list[SampleActs], records: 
     folder.mkdir(parents=True, exist_ok=True)
     taken = [int(SHARD.match(p.name).group(2)) for p in shards(run) if int(SHARD.match(p.name).group(1)) == rank]
     target = folder / f"acts-r{rank}-{max(taken, default=-1) + 1:06d}.safetensors"
-    cat = lambda parts, dtype: torch.cat([p.to(dtype) for p in parts]) if parts else torch.zeros(0, dtype=dtype)  # noqa: E731
+    cat = lambda parts, dtype: torch.cat([p.to(dtype) for p in parts]) if parts else torch.zeros(0, dtype=dtype)
     tensors = {
         "layer": cat([s.layer for s in samples], torch.int16),
         "position": cat([s.position for s in samples], torch.int32),

@@ -56,7 +56,8 @@ class Intervention(ABC):
 
 # modules whose import registers an Intervention kind; imported on first load so that the CLI stays fast
 INTERVENTION_MODULES = ("llava_circuits.steering.steerfair", "llava_circuits.steering.barrier",
-                        "llava_circuits.transcoders.replacement", "llava_circuits.pruning.prune")
+                        "llava_circuits.transcoders.replacement", "llava_circuits.pruning.prune",
+                        "llava_circuits.features.steer")
 
 
 def import_intervention_modules() -> None:

@@ -5,18 +5,23 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from llava_circuits.features.capture import IMAGE, PROMPT, GENERATED, PositionTagger, capture_loaded
-from llava_circuits.features.config import CaptureConfig
-from llava_circuits.features.store import captured_ids, iter_samples, read_meta, shards
 from llava_circuits.data.readers import read_benchmark
 from llava_circuits.evaluation.module import format_prompt
 from llava_circuits.evaluation.tasks import task_for
+from llava_circuits.features.capture import (
+    GENERATED,
+    IMAGE,
+    PROMPT,
+    PositionTagger,
+    capture_loaded,
+)
+from llava_circuits.features.config import CaptureConfig
+from llava_circuits.features.store import captured_ids, iter_samples, read_meta, shards
 from llava_circuits.sites import HookContext, Site, Step
 from llava_circuits.transcoders.replacement import ReplacementModel
 

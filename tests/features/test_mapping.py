@@ -4,7 +4,11 @@ import copy
 import torch
 
 from llava_circuits.features.config import MapConfig
-from llava_circuits.features.mapping import coactivation_neurons, map_features, matching_pursuit
+from llava_circuits.features.mapping import (
+    coactivation_neurons,
+    map_features,
+    matching_pursuit,
+)
 
 
 def test_matching_pursuit_recovers_a_sparse_combination_of_columns():

@@ -10,12 +10,12 @@ from llava_circuits.features.config import AnalyzeConfig
 from llava_circuits.features.stats import (
     analyze_run,
     benjamini_hochberg,
+    count,
     fisher_p,
     log_odds,
     round_robin,
     select,
     statistics,
-    count,
 )
 from llava_circuits.features.store import SampleActs, write_shard
 
@@ -136,7 +136,7 @@ def test_rare_features_do_not_win_by_luck():
 
 
 def test_analyze_writes_the_reference_shape_with_round_robin_layers(tmp_path):
-    dense, tags, labels = fake_run(tmp_path, n_samples=60)
+    _, _, labels = fake_run(tmp_path, n_samples=60)
     (tmp_path / "capture.json").write_text(json.dumps({"bench": "pope", "layers": LAYERS, "n_features": N_FEATURES}))
     classification = {"GOOD": [{"id": i} for i, c in labels.items() if c == "GOOD"],
                       "BAD": [{"id": i} for i, c in labels.items() if c == "BAD"]}

@@ -92,7 +92,7 @@ def test_saved_steering_loads_as_an_intervention_and_eval_runs_it(tiny, tiny_tra
     steered = evaluate_loaded(tiny, "pope", data, tmp_path / "steered", pope_dir / "images", [back], progress=False,
                               max_new_tokens=3)
     assert set(steered) == set(plain)
-    answers = lambda d: [json.loads(l)["response"] for l in (tmp_path / d / "responses.jsonl").read_text().splitlines()]  # noqa: E731
+    answers = lambda d: [json.loads(l)["response"] for l in (tmp_path / d / "responses.jsonl").read_text().splitlines()]
     assert answers("plain") != answers("steered")
     assert back.replacement is None  # detached after the run
     torch.testing.assert_close(logits(tiny, llava_inputs), logits(tiny, llava_inputs))

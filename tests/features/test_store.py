@@ -4,7 +4,14 @@ import json
 import torch
 
 from llava_circuits.evaluation.module import ResponseLog
-from llava_circuits.features.store import SampleActs, captured_ids, iter_samples, repair, shards, write_shard
+from llava_circuits.features.store import (
+    SampleActs,
+    captured_ids,
+    iter_samples,
+    repair,
+    shards,
+    write_shard,
+)
 
 
 def sample(i: int) -> SampleActs:
