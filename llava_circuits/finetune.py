@@ -169,6 +169,19 @@ class SFTCollator:
         return batch
 
 
+def prompt_batches(processor: Any, examples: list[dict], batch_size: int):
+    """Left-padded model inputs (no labels) of `examples` ({"prompt", "image"}), `batch_size` at a time, for
+    reading the next token after each prompt."""
+    collate = SFTCollator(processor)
+    for i in range(0, len(examples), batch_size):
+        ids, pixel_values = collate.prompt_ids(examples[i : i + batch_size])
+        batch = pad(ids, ids, collate.tokenizer.pad_token_id, "left")
+        del batch["labels"]
+        if pixel_values is not None:
+            batch["pixel_values"] = pixel_values
+        yield batch
+
+
 def pad(seqs: list[list[int]], labels: list[list[int]], pad_id: int, side: str) -> dict[str, Tensor]:
     """input_ids / attention_mask / labels padded to the longest sequence on `side`."""
     width = max(len(s) for s in seqs)

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from llava_circuits.finetune import SFTCollator, pad
+from llava_circuits.finetune import SFTCollator, pad, prompt_batches
 from llava_circuits.toy import tasks
 from llava_circuits.toy.processor import format_prompt
 from llava_circuits.toy.scenes import OBJECTS, render
@@ -25,15 +25,8 @@ from llava_circuits.toy.writers import benchmarks
 @torch.no_grad()
 def first_tokens(model, processor, examples: list[dict], batch_size: int = 64) -> list[str]:
     """Greedy first answer token of each {"prompt", "image"} example."""
-    collate = SFTCollator(processor)
     answers = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        ids, pixel_values = collate.prompt_ids(chunk)
-        batch = pad(ids, ids, processor.tokenizer.pad_token_id, "left")
-        del batch["labels"]
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values
+    for batch in prompt_batches(processor, examples, batch_size):
         logits = model(**batch).logits[:, -1]  # [batch, vocab]
         answers += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
     return answers

@@ -60,25 +60,19 @@ def toy_prompts(data_dir: str | Path, limit: int = 240) -> list[dict]:
 @torch.no_grad()
 def replacement_agreement(loaded: Loaded, transcoders, prompts: list[dict], batch_size: int = 32) -> dict:
     """Greedy next-token agreement without error terms, and the max logit difference with them."""
-    from llava_circuits.finetune import SFTCollator, pad
+    from llava_circuits.finetune import prompt_batches
     from llava_circuits.transcoders.replacement import ReplacementModel
 
-    collate = SFTCollator(loaded.processor)
+    param = next(loaded.model.parameters())
     agree, total, max_diff = 0, 0, 0.0
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        ids, pixel_values = collate.prompt_ids(chunk)
-        batch = pad(ids, ids, loaded.tokenizer.pad_token_id, "left")
-        del batch["labels"]
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values.to(next(loaded.model.parameters()).dtype)
-        batch = {k: v.to(next(loaded.model.parameters()).device) for k, v in batch.items()}
+    for batch in prompt_batches(loaded.processor, prompts, batch_size):
+        batch = {k: v.to(param.device, param.dtype if v.is_floating_point() else None) for k, v in batch.items()}
         real = batch["attention_mask"].bool()
         orig = loaded.model(**batch).logits.float()
         replaced = ReplacementModel(transcoders, record=False).forward(loaded, **batch).logits.float()
         exact = ReplacementModel(transcoders, error_term=True, record=False).forward(loaded, **batch).logits.float()
         agree += int((orig[:, -1].argmax(-1) == replaced[:, -1].argmax(-1)).sum())
-        total += len(chunk)
+        total += len(real)
         max_diff = max(max_diff, float((exact - orig)[real].abs().max()))
     return {"next_token_agreement": agree / total, "exact_with_error_max_abs_diff": max_diff, "prompts": total}
 
