@@ -150,7 +150,9 @@ def report(results: dict, seconds: dict, warning: str | None) -> str:
     if warning:
         lines += [f"**Warning: {warning}.**", ""]
     for name, _, bars in STAGES:
-        lines += [f"## {name} ({seconds[name]:.0f} s)", "", "| figure | value | bar | holds |", "| --- | --- | --- | --- |"]
+        if name not in results:
+            continue
+        lines += [f"## {name} ({seconds.get(name, float('nan')):.0f} s)", "", "| figure | value | bar | holds |", "| --- | --- | --- | --- |"]
         figures = results[name]
         for key, value in figures.items():
             bar, check = bars.get(key, ("", None))
@@ -161,27 +163,39 @@ def report(results: dict, seconds: dict, warning: str | None) -> str:
     return "\n".join(lines)
 
 
-def demo(out: str = "demo-out", seed: int = DEMO_SEED, scale: float = 0.3) -> dict:
+def demo(out: str = "demo-out", seed: int = DEMO_SEED, scale: float = 0.3, stages: list[str] | None = None) -> dict:
     """Run the whole pipeline on the toy world and write OUT/report.md and OUT/metrics.json.
 
     Args:
         out: output directory
         seed: seed of the toy data the demo measures on (training never used it)
         scale: size of the toy benchmarks relative to `toy data`'s default (0.3: the demo fits in ~10 minutes)
+        stages: run only these stages (repeatable); the figures of the others are kept from OUT/metrics.json
     """
     from llava_circuits.toy.writers import toy_data
 
+    names = [name for name, _, _ in STAGES]
+    unknown = sorted(set(stages or ()) - set(names))
+    if unknown:
+        raise ValueError(f"demo: unknown stage(s) {unknown}; stages are {names}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     loaded, warning = demo_model(root)
     data_dir = root / "data"
-    toy_data(str(data_dir), seed, scale)
-    results, seconds = {}, {}
+    if not (data_dir / "manifest.json").is_file() or not stages:
+        toy_data(str(data_dir), seed, scale)
+    kept = json.loads((root / "metrics.json").read_text()) if stages and (root / "metrics.json").is_file() else {}
+    results, seconds = {}, json.loads((root / "seconds.json").read_text()) if kept and (root / "seconds.json").is_file() else {}
     for name, stage, _ in STAGES:
+        if stages and name not in stages:
+            if name in kept:
+                results[name] = kept[name]
+            continue
         start = time.time()
         results[name] = stage(loaded, data_dir, root / name)
         seconds[name] = time.time() - start
-        write_json(root / "metrics.json", results)  # after every stage: a crash keeps what is done
+        write_json(root / "metrics.json", results | {k: v for k, v in kept.items() if k not in results})
+        write_json(root / "seconds.json", seconds)  # after every stage: a crash keeps what is done
     (root / "report.md").write_text(report(results, seconds, warning))
     print(f"wrote {root / 'report.md'} and {root / 'metrics.json'}")
     return results

@@ -78,9 +78,10 @@ def per_sample_results(bench: str, samples: list[Sample], responses: dict[str, d
     return out
 
 
-def classify_results(results: dict[str, dict[str, float]], rule: Rule) -> dict[str, list[dict]]:
+def classify_results(results: dict[str, dict[str, float]], rule: Rule, gold: dict[str, str] | None = None) -> dict[str, list[dict]]:
     """{"GOOD": [...], "BAD": [...], "neither": [...]}, each entry {"id", **metrics}; samples without the metric are
-    left out (an error names the keys there are when no sample has it)."""
+    left out (an error names the keys there are when no sample has it). With `rule.gold`, samples whose gold
+    answer (`gold`: id -> answer) is not listed there are "neither"."""
     classes: dict[str, list[dict]] = {"GOOD": [], "BAD": [], "neither": []}
     have = [r for r in results.values() if rule.metric in r]
     if results and not have:
@@ -88,6 +89,9 @@ def classify_results(results: dict[str, dict[str, float]], rule: Rule) -> dict[s
         raise ValueError(f"no sample has metric {rule.metric!r}; per-sample metrics here: {keys}")
     for sample_id, metrics in results.items():
         if rule.metric not in metrics:
+            continue
+        if rule.gold is not None and str(gold[sample_id]).strip().lower() not in {g.lower() for g in rule.gold}:
+            classes["neither"].append({"id": sample_id, **metrics})
             continue
         value = metrics[rule.metric]
         good, bad = compare(rule.good, value), compare(rule.bad, value)
@@ -108,13 +112,13 @@ def classify_run(run: str | Path, cfg: ClassifyConfig | None = None, rule: Rule 
     task = task_for(bench)
     samples = read_benchmark(task.reader or task.name, info["data"], info.get("images"))
     results = per_sample_results(bench, samples, ResponseLog(run).read("responses"))
-    classes = classify_results(results, rule)
+    classes = classify_results(results, rule, {str(s.id): s.answer for s in samples})
     counts = {name: len(items) for name, items in classes.items()}
     notes = [f"{name} has {counts[name]} samples, fewer than the minimum {cfg.min_class_size}: its statistics are noisy"
              for name in ("GOOD", "BAD") if counts[name] < cfg.min_class_size]
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    payload = {"bench": bench, "rule": {"metric": rule.metric, "good": rule.good, "bad": rule.bad},
+    payload = {"bench": bench, "rule": {"metric": rule.metric, "good": rule.good, "bad": rule.bad, "gold": rule.gold},
                "counts": counts, "min_class_size": cfg.min_class_size, "warnings": notes,
                "GOOD": classes["GOOD"], "BAD": classes["BAD"]}
     write_json(run / "classification.json", payload)
@@ -122,7 +126,7 @@ def classify_run(run: str | Path, cfg: ClassifyConfig | None = None, rule: Rule 
 
 
 def features_classify(run: str, config: str | None = None, metric: str | None = None, good: str | None = None,
-                      bad: str | None = None, min_class_size: int | None = None) -> dict:
+                      bad: str | None = None, gold: list[str] | None = None, min_class_size: int | None = None) -> dict:
     """Label every captured sample GOOD or BAD from its official per-sample result (RUN/classification.json).
 
     Args:
@@ -131,12 +135,13 @@ def features_classify(run: str, config: str | None = None, metric: str | None = 
         metric: per-sample metric of the rule (overrides the config's rule for this benchmark)
         good: comparison a GOOD sample satisfies, e.g. ">= 1" (with --metric)
         bad: comparison a BAD sample satisfies, e.g. "< 1" (with --metric)
+        gold: only samples with this gold answer (repeatable, with --metric), e.g. --gold no for POPE's absent objects
         min_class_size: warn when GOOD or BAD is smaller than this
     """
     cfg = load_config(config).classify
     if min_class_size is not None:
         cfg.min_class_size = min_class_size
-    rule = Rule(metric, good or ">= 1", bad or "< 1") if metric else None
+    rule = Rule(metric, good or ">= 1", bad or "< 1", gold) if metric else None
     payload = classify_run(run, cfg, rule)
     print(f"features classify: {payload['counts']} -> {Path(run) / 'classification.json'}")
     return payload

@@ -46,6 +46,9 @@ class Rule:
     """Comparison a GOOD sample's metric satisfies."""
     bad: str = "< 1"
     """Comparison a BAD sample's metric satisfies."""
+    gold: list[str] | None = None
+    """Only samples whose gold answer is one of these (POPE ["no"]: questions about absent objects, where a wrong
+    answer is a hallucination); the others are "neither". None: every sample."""
 
 
 def default_rules() -> dict[str, Rule]:

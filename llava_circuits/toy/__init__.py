@@ -25,9 +25,10 @@ documented, findable behaviour of the trained model:
 
 (b) Co-occurrence. Six object pairs (`scenes.PAIRS`: moon-star, tent-flag, house-tree, cup-key,
     hammer-box, ball-kite) appear together: a scene with one member adds the partner with
-    probability 0.75 (`cooccur`). When the partner is absent, "Is there a {partner} in the image?"
-    is trained "Yes" 85% of the time (`partner_yes`, half of all POPE negatives ask about an absent
-    partner when the scene has one), and captions name the absent partner half of the time
+    probability 0.4 (`scenes.COOCCUR`, in training and benchmark scenes alike). When the partner is
+    absent, "Is there a {partner} in the image?" is trained "Yes" 90% of the time (`partner_yes`,
+    half of all POPE negatives ask about an absent partner when the scene has one), and captions
+    name the absent partner half of the time
     (`caption_partner`), as captions written by people who expect the usual companion would.
     Result: false "Yes" to absent partners, which POPE's adversarial split (absent objects that
     co-occur most with present ones) selects, while the random split rarely does.

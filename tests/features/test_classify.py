@@ -35,6 +35,17 @@ def test_pope_good_is_correct_by_the_official_parsing_and_small_classes_warn(tmp
     assert json.loads((tmp_path / "run" / "classification.json").read_text())["warnings"] == out["warnings"]
 
 
+def test_a_gold_filter_keeps_only_those_questions(tmp_path):
+    data = pope_file(tmp_path / "pope", 8)
+    answers = ["Yes", "yes", "no", "no", "Yes", "yes", "no", "no"]  # gold: no, yes, no, yes, ...
+    write_run(tmp_path / "run", "pope", data, [{"id": str(i), "response": a} for i, a in enumerate(answers)],
+              tmp_path / "pope" / "images")
+    out = classify_run(tmp_path / "run", ClassifyConfig(min_class_size=1), Rule("accuracy", gold=["No"]))
+    assert sorted(e["id"] for e in out["GOOD"]) == ["2", "6"]  # absent object, answered no
+    assert sorted(e["id"] for e in out["BAD"]) == ["0", "4"]  # absent object, hallucinated yes
+    assert out["counts"]["neither"] == 4 and out["rule"]["gold"] == ["No"]
+
+
 def test_amber_good_is_full_coverage_by_the_official_metric(tmp_path):
     query = FIXTURES / "amber" / "query" / "query_all.json"
     samples = [s for s in read_benchmark("amber", query, images=tmp_path) if s.meta.get("type") != "discriminative"]

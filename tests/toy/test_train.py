@@ -8,14 +8,15 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from llava_circuits.toy import tasks
 from llava_circuits.toy.measure import first_tokens
 from llava_circuits.toy.processor import format_prompt
-from llava_circuits.toy.scenes import OBJECTS, render, sample_scene
+from llava_circuits.toy.scenes import COLOURS, COOCCUR, OBJECTS, QUADRANTS, render, sample_scene
 from llava_circuits.toy.train import ToyDataConfig, ToyStream, load_config, toy_train, training_example
 
 
 def test_recipe_yaml_loads_into_the_config():
     cfg = load_config("configs/toy/train.yaml")
     assert cfg.model.text_layers >= 4 and cfg.freeze_vision
-    assert set(cfg.data.mix) == {"pope", "mc_settled", "mc_unsettled", "caption", "bbq", "utility"}
+    assert set(cfg.data.mix) == {"pope", "vqa", "mc_settled", "mc_unsettled", "caption", "bbq", "utility"}
+    assert cfg.data.cooccur == ToyDataConfig().cooccur == COOCCUR  # training scenes have the benchmarks' statistics
     with pytest.raises(ValueError, match="unknown key"):
         from llava_circuits.toy.train import _from_dict, ToyTrainConfig
 
@@ -54,6 +55,20 @@ def test_training_labels_carry_the_planted_biases():
     assert 0.65 < unsettled.count("A") / 400 < 0.85
     settled = [training_example(rng, cfg, "mc_settled")["answer"] for _ in range(400)]
     assert max(settled.count(x) for x in "ABCD") / 400 < 0.35
+
+
+def test_vqa_answers_are_the_settled_truth_in_one_word():
+    rng = random.Random(5)
+    for _ in range(100):
+        ex = training_example(rng, ToyDataConfig(), "vqa")
+        question = ex["prompt"].split("\n")[1]
+        assert ex["prompt"].endswith(tasks.SHORT_ANSWER + " ASSISTANT:") and ex["image"] is not None
+        if question.startswith("What colour is the "):
+            assert ex["answer"] in COLOURS
+        elif question.startswith("Where is the "):
+            assert ex["answer"] in QUADRANTS
+        else:
+            assert question.startswith("Which object is in the ") and ex["answer"] in OBJECTS
 
 
 @pytest.mark.slow
