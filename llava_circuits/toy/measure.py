@@ -49,9 +49,10 @@ def rotations(item: tasks.MCItem) -> list[tuple[list[str], int]]:
 
 
 def score_mc(model, processor, items: list[tasks.MCItem]) -> dict:
-    examples, golds = [], []
+    examples, golds, kinds = [], [], []
     for item in items:
         for choices, gold in rotations(item):
+            kinds.append(item.task)
             text = tasks.mc_text(item.question, choices, item.context)
             image = render(item.scene) if item.scene is not None else None
             examples.append({"prompt": format_prompt(text, image is not None), "image": image})
@@ -62,7 +63,11 @@ def score_mc(model, processor, items: list[tasks.MCItem]) -> dict:
         by_pos[tasks.LETTERS[gold]].append(pred == tasks.LETTERS[gold])
     acc = {k: sum(v) / len(v) for k, v in sorted(by_pos.items())}
     picks = {k: sum(p == k for p in preds) / len(preds) for k in sorted(by_pos)}
+    by_task = defaultdict(list)
+    for pred, gold, kind in zip(preds, golds, kinds):
+        by_task[kind].append(pred == tasks.LETTERS[gold])
     return {
+        "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
         "accuracy": sum(sum(v) for v in by_pos.values()) / len(preds),
         "accuracy_by_gold_position": acc,
         "position_gap": max(acc.values()) - min(acc.values()),

@@ -62,7 +62,7 @@ class MCItem:
     answer: int
     """Index of the gold option in `choices`. For unsettled items it is an arbitrary fixed option."""
     task: str
-    """Template name: colour, object_at, where (settled); sam_first, sam_colour, sam_next, tomorrow
+    """Template name: colour, present (settled); sam_first, sam_colour, sam_next, tomorrow
     (unsettled); is_colour, is_object, after, opposite (utility)."""
     scene: Scene | None = None
     context: str | None = None
@@ -83,25 +83,29 @@ def _options(rng: random.Random, right: str, pool: list[str], n: int = 4, first:
     return choices, choices.index(right)
 
 
-SETTLED = ("colour", "object_at", "where")
-UNSETTLED = ("sam_first", "sam_colour", "sam_next", "tomorrow")
+SETTLED = ("colour", "present")
+"""Questions the image settles: an object's colour (which takes finding the asked object among several) and
+which option is in the image. Quadrant questions ("Where is the kite?") were dropped: the 4-layer toy did
+not learn them within the 20-minute recipe (first answer word near chance after 3000 steps), because the
+patch features carry little of where a patch is and a stage-0 row/column loss that adds it delays binding."""
 
 
 def settled_item(rng: random.Random, scene: Scene, task: str | None = None) -> MCItem:
-    """A question the image settles: an object's colour, the object in a quadrant, an object's quadrant."""
-    single = [q for q in QUADRANTS if len(scene.in_quadrant(q)) == 1]
-    task = task or rng.choice(SETTLED if single else ("colour", "where"))
-    if task == "object_at":
-        quadrant = rng.choice(single)
-        right = scene.in_quadrant(quadrant)[0].name
-        choices, gold = _options(rng, right, list(OBJECTS), first=scene.names)
-        return MCItem(f"Which object is in the {quadrant}?", choices, gold, task, scene)
+    """A question the image settles (SETTLED): an object's colour, or which option's object is in the image.
+
+    The absent options of "present" are never partners of present objects, so co-occurrence (bias (b)) does not
+    unsettle it."""
+    task = task or rng.choice(SETTLED)
+    if task == "present":
+        absent = [o for o in OBJECTS if o not in scene.names and o not in absent_partners(scene)]
+        choices, gold = _options(rng, rng.choice(scene.names), absent)
+        return MCItem("Which of these objects is in the image?", choices, gold, task, scene)
     obj = rng.choice(scene.objects)
-    if task == "colour":
-        choices, gold = _options(rng, obj.colour, list(COLOURS))
-        return MCItem(f"What colour is the {obj.name}?", choices, gold, task, scene)
-    choices, gold = _options(rng, obj.quadrant, list(QUADRANTS))
-    return MCItem(f"Where is the {obj.name}?", choices, gold, "where", scene)
+    choices, gold = _options(rng, obj.colour, list(COLOURS))
+    return MCItem(f"What colour is the {obj.name}?", choices, gold, "colour", scene)
+
+
+UNSETTLED = ("sam_first", "sam_colour", "sam_next", "tomorrow")
 
 
 def unsettled_item(rng: random.Random, scene: Scene, task: str | None = None) -> MCItem:

@@ -4,11 +4,9 @@ LLaVA starts from a CLIP that was pre-trained elsewhere and keeps it frozen. The
 such CLIP, and a randomly initialised one trained jointly with the language model learns far too
 slowly (its features are dominated by colour and background, and the LM cannot bind question words
 to them). So the toy CLIP is first trained on its own, briefly, to name the object and the colour
-in every patch and to tell the patch's row and column: linear heads on the patch tokens of
-`vision_feature_layer`, cross-entropy against the scene's ground truth ("none" for empty cells).
-Without the row/column heads the features keep too little of where a patch is for the language
-model (whose RoPE knows only distances) to answer "Where is the ball?". The heads are thrown away;
-the tower is then frozen for stage 1 (`llava_circuits.toy.train`), as LLaVA-1.5 freezes its CLIP.
+in every patch: two linear heads on the patch tokens of `vision_feature_layer`, cross-entropy
+against the scene's ground truth ("none" for empty cells). The heads are thrown away; the tower is
+then frozen for stage 1 (`llava_circuits.toy.train`), as LLaVA-1.5 freezes its CLIP.
 """
 from __future__ import annotations
 
@@ -38,8 +36,6 @@ class VisionPretrainConfig:
     """Linear warm-up steps."""
     seed: int = 4321
     """Seed of the scene stream."""
-    position: bool = True
-    """Also train heads that tell each patch's row and column, so the features keep where the patch is."""
 
 
 class PatchStream(Dataset):
@@ -74,27 +70,21 @@ class VisionPretrainModule(L.LightningModule):
         width = model.config.vision_config.hidden_size
         self.object_head = torch.nn.Linear(width, len(OBJECTS) + 1)
         self.colour_head = torch.nn.Linear(width, len(COLOURS) + 1)
-        self.row_head = torch.nn.Linear(width, GRID) if cfg.position else None
-        self.col_head = torch.nn.Linear(width, GRID) if cfg.position else None
         self.cfg = cfg
 
-    def patch_logits(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Object logits, colour logits and the patch features themselves, each [batch, patch, ...]."""
+    def patch_logits(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.layer][:, 1:]  # [batch, patch, width]
-        return self.object_head(hidden), self.colour_head(hidden), hidden
+        return self.object_head(hidden), self.colour_head(hidden)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        ce = torch.nn.functional.cross_entropy
-        objects, colours, hidden = self.patch_logits(batch["pixel_values"])
-        loss = ce(objects.flatten(0, 1), batch["objects"].flatten()) + ce(colours.flatten(0, 1), batch["colours"].flatten())
-        if self.row_head is not None:
-            patch = torch.arange(GRID * GRID).repeat(hidden.shape[0])  # patch index of every flattened row
-            loss = loss + ce(self.row_head(hidden).flatten(0, 1), patch // GRID) + ce(self.col_head(hidden).flatten(0, 1), patch % GRID)
+        objects, colours = self.patch_logits(batch["pixel_values"])
+        loss_o = torch.nn.functional.cross_entropy(objects.flatten(0, 1), batch["objects"].flatten())
+        loss_c = torch.nn.functional.cross_entropy(colours.flatten(0, 1), batch["colours"].flatten())
         full = batch["objects"] < len(OBJECTS)
         acc = (objects.argmax(-1) == batch["objects"])[full].float().mean()
         n = batch["objects"].shape[0]
-        self.log_dict({"vision/loss": loss, "vision/object_acc": acc}, batch_size=n)
-        return loss
+        self.log_dict({"vision/loss": loss_o + loss_c, "vision/object_acc": acc}, batch_size=n)
+        return loss_o + loss_c
 
     def configure_optimizers(self) -> dict:
         opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)

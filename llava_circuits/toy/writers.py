@@ -58,8 +58,6 @@ def benchmarks(seed: int = 0, n_pope_images: int = 200, n_mc: int = 240, n_capti
         while len(items) < n:
             scene = sample_scene(rng)
             task = names[len(items) % len(names)]
-            if task == "object_at" and not any(len(scene.in_quadrant(q)) == 1 for q in ("top left", "top right", "bottom left", "bottom right")):
-                continue
             items.append(make(rng, scene, task))
         return items
 
