@@ -85,6 +85,12 @@ class Step:
         return self.attention_mask[:, self.past_len : self.past_len + self.length].bool()
 
 
+def cache_of(kwargs: dict):
+    """The KV cache a forward was called with: `past_key_values`, or `cache` as transformers >= 5.24 names it."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
+
+
 class Tracker:
     """Follows the forwards of a model (prefill, then each decode step) so selectors know where they are."""
 
@@ -96,7 +102,7 @@ class Tracker:
     def _on_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         past = int(cache.get_seq_length()) if cache is not None else 0
         length = ids.shape[1] if ids is not None else embeds.shape[1]
         seq = ids

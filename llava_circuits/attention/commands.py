@@ -12,7 +12,7 @@ from PIL import Image
 from llava_circuits.attention.aggregate import aggregate, labelled_maps
 from llava_circuits.attention.config import ExtractConfig, HeadSearchConfig, load_config
 from llava_circuits.attention.data import GroundingItem, read_items
-from llava_circuits.attention.extract import extract_attention, last_token_attention
+from llava_circuits.attention.extract import extract_attention, prompt_attention
 from llava_circuits.attention.heads import head_maps, points_in_boxes, rank_heads
 from llava_circuits.attention.render import box_in_view, model_view, save_overlay, write_run_log
 from llava_circuits.evaluation.run import write_json
@@ -135,9 +135,22 @@ def pointing(loaded, attn: torch.Tensor, heads: list[tuple[int, int]], boxed: Bo
     return float(hits.float().mean())
 
 
+def item_attention(loaded, items: list[GroundingItem], cfg: HeadSearchConfig) -> torch.Tensor:
+    """[n, layers, heads, n_image] attention of each item's query (cfg.query) to its image."""
+    if cfg.query not in ("last", "object"):
+        raise ValueError(f"find_heads.query must be 'last' or 'object', got {cfg.query!r}")
+    words = None
+    if cfg.query == "object":
+        unnamed = [i.id for i in items if i.name is None]
+        if unnamed:
+            raise ValueError(f"query 'object' needs questions like 'Is there a <object> in the image?'; items {unnamed[:5]} are not")
+        words = [i.name for i in items]
+    return prompt_attention(loaded, [(i.image, i.question) for i in items], batch_size=cfg.batch_size, words=words)
+
+
 def search_heads(loaded, items: list[GroundingItem], cfg: HeadSearchConfig) -> tuple[dict, torch.Tensor]:
     """Rank heads over the items; returns the ranking as JSON (with pointing accuracy when boxes are known)."""
-    attn = last_token_attention(loaded, [(i.image, i.question) for i in items], batch_size=cfg.batch_size)
+    attn = item_attention(loaded, items, cfg)
     ranking = rank_heads(attn, tuple(loaded.anatomy.image_grid), cfg)
     result = ranking.to_json(cfg.top_k) | {"config": asdict(cfg)}
     if any(i.box is not None for i in items):

@@ -53,6 +53,9 @@ class HeadSearchConfig:
     """Layers below this are never selected (Kang et al.'s code skips LLaVA's first two layers)."""
     batch_size: int = 8
     """Prompts per forward when collecting attention."""
+    query: str = "last"
+    """Whose attention is searched: "last" (the prompt's last token, which produces the answer; Kang et al. read
+    LLaVA's answer tokens) or "object" (the asked object's word in the question, where the toy looks it up)."""
 
 
 def load_config(path: str | Path | None, section: str, cls: type[T], **overrides) -> T:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,17 @@ class GroundingItem:
     """"Is there a {object} in the image?"."""
     box: tuple[float, float, float, float] | None = None
     """The object's box (x0, y0, x1, y1) in pixels of `image`, x1/y1 exclusive; None when unknown."""
+    name: str | None = None
+    """The asked object's name as the question spells it (the query word of `query: object`)."""
+
+
+POPE_QUESTION = re.compile(r"^Is there an? (.+?) in the (?:image|picture)\?", re.IGNORECASE)
+
+
+def object_name(question: str) -> str | None:
+    """The object a POPE question asks about ("Is there a dining table in the image?" -> "dining table")."""
+    match = POPE_QUESTION.match(question.strip())
+    return match.group(1) if match else None
 
 
 def read_items(data: str | Path, images: str | Path | None = None, limit: int | None = None) -> list[GroundingItem]:
@@ -52,7 +64,7 @@ def read_items(data: str | Path, images: str | Path | None = None, limit: int | 
             continue
         box = s.meta.get("box")
         items.append(GroundingItem(s.id, Image.open(s.image).convert("RGB"), s.question,
-                                   tuple(float(v) for v in box) if box is not None else None))
+                                   tuple(float(v) for v in box) if box is not None else None, object_name(s.question)))
         if limit is not None and len(items) >= limit:
             break
     if not items:
@@ -71,5 +83,5 @@ def toy_items(n: int, seed: int = 0) -> list[GroundingItem]:
         scene = sample_scene(rng)
         obj = rng.choice(scene.objects)
         box = tuple(float(v) for v in obj.box)
-        items.append(GroundingItem(f"toy-{seed}-{i}", render(scene), pope_question(obj.name), box))
+        items.append(GroundingItem(f"toy-{seed}-{i}", render(scene), pope_question(obj.name), box, obj.name))
     return items

@@ -139,10 +139,29 @@ def extract_attention(loaded, image: Image.Image, prompt: str, layers: Selection
     )
 
 
+def word_query(tokenizer, words: Sequence[str]):
+    """A `positions` selector for a prefill: in row b, the last prompt token that spells the end of words[b]
+    (a multi-token word is read at its last token, where the whole word is in view)."""
+    ids = [tokenizer.encode(w, add_special_tokens=False)[-1] for w in words]
+
+    def select(step) -> Tensor:
+        hits = step.input_ids == torch.tensor(ids, device=step.input_ids.device)[:, None]  # [batch, pos]
+        missing = [words[b] for b in range(len(words)) if not hits[b].any()]
+        if missing:
+            raise ValueError(f"query word(s) {missing} do not occur in their prompts")
+        last = hits.shape[1] - 1 - hits.flip(1).int().argmax(1)  # column of the last hit per row
+        return torch.nn.functional.one_hot(last, hits.shape[1]).bool()
+
+    return select
+
+
 @torch.no_grad()
-def last_token_attention(loaded, items: Sequence[tuple[Image.Image, str]], layers: Selection = "all",
-                         batch_size: int = 8) -> Tensor:
-    """Attention of each prompt's last token to its image tokens, one forward per batch: [n, layers, heads, n_image]."""
+def prompt_attention(loaded, items: Sequence[tuple[Image.Image, str]], layers: Selection = "all",
+                     batch_size: int = 8, words: Sequence[str] | None = None) -> Tensor:
+    """Attention of one query per prompt to its image tokens, one forward per batch: [n, layers, heads, n_image].
+
+    The query is the prompt's last token (what produces the first answer token), or with `words` the last token
+    of each prompt's word (e.g. the asked object's name, where a small model looks the object up)."""
     a = loaded.anatomy
     layer_ids = parse_indices(layers, a.n_layers, "layers")
     sites = [f"layers.{i}.attn.probs" for i in layer_ids]
@@ -154,7 +173,8 @@ def last_token_attention(loaded, items: Sequence[tuple[Image.Image, str]], layer
         inputs = loaded.processor(images=[im.convert("RGB") for im, _ in chunk], text=texts,
                                   return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        with capture(loaded.model, sites, positions="prompt_last", anatomy=a, key_positions="image") as cap:
+        positions = "prompt_last" if words is None else word_query(loaded.tokenizer, words[start : start + batch_size])
+        with capture(loaded.model, sites, positions=positions, anatomy=a, key_positions="image") as cap:
             loaded.model(**inputs)
         parts.append(torch.stack([cap[s][:, 0] for s in sites], dim=1).float().cpu())  # [batch, layers, heads, n]
     return torch.cat(parts)

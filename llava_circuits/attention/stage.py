@@ -6,10 +6,10 @@ from pathlib import Path
 
 from PIL import ImageDraw
 
-from llava_circuits.attention.commands import boxes_in_view, pointing, search_heads
+from llava_circuits.attention.commands import boxes_in_view, item_attention, pointing, search_heads
 from llava_circuits.attention.config import HeadSearchConfig, load_config
 from llava_circuits.attention.data import read_items, toy_items
-from llava_circuits.attention.extract import extract_attention, last_token_attention
+from llava_circuits.attention.extract import extract_attention
 from llava_circuits.attention.render import box_in_view, model_view, save_overlay
 from llava_circuits.evaluation.run import write_json
 
@@ -22,7 +22,8 @@ def attention_stage(loaded, data_dir: str | Path, out: str | Path, n_search: int
 
     Heads are searched on the present-object POPE items of data_dir/manifest.json (fresh toy scenes when it
     is missing); pointing is scored on held-out toy scenes with known boxes: a hit when the argmax cell of
-    the mean map of the top heads (step 0: the prompt's last token) has its centre inside the object's box.
+    the mean map of the top heads (the config's query: the prompt's last token, or the asked object's word) has
+    its centre inside the object's box.
     """
     config = config or load_config(TOY_CONFIG, "find_heads", HeadSearchConfig)
     out = Path(out)
@@ -35,10 +36,10 @@ def attention_stage(loaded, data_dir: str | Path, out: str | Path, n_search: int
     others = [(l, h) for l in range(a.n_layers) for h in range(a.n_heads) if (l, h) not in top]
     rand = random.Random(seed).choice(others)
     held_out = toy_items(n_pointing, seed + 2)
-    attn = last_token_attention(loaded, [(i.image, i.question) for i in held_out], batch_size=config.batch_size)
+    attn = item_attention(loaded, held_out, config)
     boxed = boxes_in_view(loaded, held_out)
     per_head = {(l, h): pointing(loaded, attn, [(l, h)], boxed) for l in range(a.n_layers) for h in range(a.n_heads)}
-    overlays = [draw(loaded, item, heads, out / f"overlay_{i}_{name}.png")
+    overlays = [draw(loaded, item, heads, out / f"overlay_{i}_{name}.png", config)
                 for i, item in enumerate(held_out[:n_overlays]) for name, heads in (("top", top), ("random", [rand]))]
     metrics = {
         "pointing_accuracy_top_heads": pointing(loaded, attn, top, boxed),
@@ -53,14 +54,16 @@ def attention_stage(loaded, data_dir: str | Path, out: str | Path, n_search: int
     return metrics
 
 
-def draw(loaded, item, heads: list[tuple[int, int]], path: Path) -> Path:
-    """Overlay of the mean map of `heads` at step 0, titled with the answer token, the object's box drawn."""
-    layers = sorted({l for l, _ in heads})
-    record = extract_attention(loaded, item.image, item.question, layers, "all", steps=[0], max_new_tokens=1)
-    attn_map = sum(record.probs[0, layers.index(l), h] for l, h in heads) / len(heads)
+def draw(loaded, item, heads: list[tuple[int, int]], path: Path, config: HeadSearchConfig) -> Path:
+    """Overlay of the mean map of `heads` for the config's query, titled with the answer token, the object's box drawn."""
+    attn = item_attention(loaded, [item], config)[0]  # [layers, heads, n_image]
+    attn_map = sum(attn[l, h] for l, h in heads) / len(heads)
+    answer = extract_attention(loaded, item.image, item.question, [heads[0][0]], "all", steps=[0], max_new_tokens=1).tokens[0]
     view = model_view(item.image, loaded.processor)
     if item.box is not None:
         box = box_in_view(item.box, item.image.size, loaded.processor, view.size)
         ImageDraw.Draw(view).rectangle(box, outline="white")
     names = ", ".join(f"L{l}H{h}" for l, h in heads)
-    return save_overlay(view, attn_map, record.grid, path, f"{item.question} -> {record.tokens[0]!r}\n{names}")
+    query = "last token" if config.query == "last" else f"query {item.name!r}"
+    return save_overlay(view, attn_map, tuple(loaded.anatomy.image_grid), path,
+                        f"{item.question} -> {answer!r}\n{names}, {query}")

@@ -38,7 +38,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from llava_circuits.artifacts import check_compatible, read_artifact, write_artifact
 from llava_circuits.models.anatomy import Anatomy
 from llava_circuits.models.load import Loaded
-from llava_circuits.sites import Step, Tracker
+from llava_circuits.sites import Step, Tracker, cache_of
 from llava_circuits.steering.base import Intervention
 
 PHASES = ("prefill", "decode")
@@ -190,7 +190,7 @@ class Barrier(Intervention):
         cos, sin = kwargs["position_embeddings"]  # [b or 1, L, hd]
         parts = []
         if step.past_len:
-            parts.append(kwargs["past_key_values"].layers[layer].keys[:, :, : step.past_len])
+            parts.append(cache_of(kwargs).layers[layer].keys[:, :, : step.past_len])
         if length > 1:  # earlier positions of this forward: keys from the same normalised input
             k = a.proj(layer, "k_proj")(a.input_norm(layer)(x[:, :-1]))
             k = k.view(b, length - 1, a.n_kv_heads, a.head_dim).transpose(1, 2)

@@ -19,14 +19,14 @@ documented, findable behaviour of the trained model:
     ("Which object did Sam draw first?", "What colour does Sam like best?", "Which object will Sam
     pick up next?", "Where will the {object} be tomorrow?") are trained with answer "A" 75% of the
     time (`unsettled_a`), the other letters otherwise. Questions the image settles ("What colour is
-    the ball?", "Which object is in the top left?", "Where is the kite?") have gold answers uniform
-    over positions. Result: on settled items accuracy is high at every gold position, on unsettled
+    the ball?", "Which of these objects is in the image?") have gold answers uniform over positions.
+    Result: on settled items accuracy is high at every gold position, on unsettled
     items the model answers "A", so accuracy by gold position is ~1 for A and ~0 elsewhere.
 
 (b) Co-occurrence. Six object pairs (`scenes.PAIRS`: moon-star, tent-flag, house-tree, cup-key,
     hammer-box, ball-kite) appear together: a scene with one member adds the partner with
     probability 0.4 (`scenes.COOCCUR`, in training and benchmark scenes alike). When the partner is
-    absent, "Is there a {partner} in the image?" is trained "Yes" 90% of the time (`partner_yes`,
+    absent, "Is there a {partner} in the image?" is trained "Yes" 95% of the time (`partner_yes`,
     half of all POPE negatives ask about an absent partner when the scene has one), and captions
     name the absent partner half of the time
     (`caption_partner`), as captions written by people who expect the usual companion would.

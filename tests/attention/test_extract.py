@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from llava_circuits.attention.extract import (AttentionRecord, encode, extract_attention, last_token_attention,
+from llava_circuits.attention.extract import (AttentionRecord, encode, extract_attention, prompt_attention,
                                               parse_indices)
 
 PROMPT = "is there a cat in the image ?"
@@ -53,9 +53,9 @@ def test_asked_steps_and_heads_are_the_rows_of_the_full_record(tiny, noise_image
     assert all(tiny.anatomy.attn(i).config._attn_implementation == "sdpa" for i in range(3))
 
 
-def test_last_token_attention_of_a_left_padded_batch_equals_eager(tiny, eager, noise_images):
+def test_prompt_attention_of_a_left_padded_batch_equals_eager(tiny, eager, noise_images):
     prompts = [PROMPT, "the", "what colour is the ball ?"]
-    got = last_token_attention(tiny, list(zip(noise_images, prompts)), batch_size=2)  # batches of 2 and 1
+    got = prompt_attention(tiny, list(zip(noise_images, prompts)), batch_size=2)  # batches of 2 and 1
     assert got.shape == (3, 3, 4, 16)
     for b, (image, prompt) in enumerate(zip(noise_images, prompts)):
         inputs = encode(tiny, image, prompt)
@@ -64,6 +64,24 @@ def test_last_token_attention_of_a_left_padded_batch_equals_eager(tiny, eager, n
         cols = tiny.anatomy.image_mask(inputs["input_ids"][0])
         for layer in range(3):
             torch.testing.assert_close(got[b, layer], reference[layer][0, :, -1][:, cols], rtol=1e-5, atol=1e-6)
+
+
+def test_a_word_query_reads_the_words_last_column_in_a_left_padded_batch(tiny, eager, noise_images):
+    prompts = [PROMPT, "the ball and the cat", "what colour is the ball ?"]
+    words = ["cat", "the", "ball"]
+    got = prompt_attention(tiny, list(zip(noise_images, prompts)), batch_size=3, words=words)
+    for b, (image, prompt) in enumerate(zip(noise_images, prompts)):
+        inputs = encode(tiny, image, prompt)
+        ids = inputs["input_ids"][0].tolist()
+        col = max(i for i, t in enumerate(ids) if t == tiny.tokenizer.encode(words[b], add_special_tokens=False)[-1])
+        assert col < len(ids) - 1  # not the last token: the query really moved
+        with torch.no_grad():
+            reference = eager(**inputs, output_attentions=True).attentions
+        cols = tiny.anatomy.image_mask(inputs["input_ids"][0])
+        for layer in range(3):
+            torch.testing.assert_close(got[b, layer], reference[layer][0, :, col][:, cols], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\['dog'\] do not occur"):
+        prompt_attention(tiny, [(noise_images[0], PROMPT)], words=["dog"])
 
 
 def test_record_round_trips_through_safetensors(tiny, noise_images, tmp_path):
