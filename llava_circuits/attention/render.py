@@ -79,10 +79,11 @@ def upsample(cells: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def hot_spot(attn_map: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
-    """(x, y) view pixel of the maximum of the upsampled map."""
+    """(x, y) view pixel of the maximum of the upsampled map: the middle of the pixels that reach it, since a peak
+    in an edge cell is a flat stretch out to the border (the first of them would sit on the border)."""
     up = upsample(grid_map(attn_map, grid), size)
-    y, x = np.unravel_index(int(up.argmax()), up.shape)
-    return int(x), int(y)
+    ys, xs = np.nonzero(up >= up.max() - 1e-6 * abs(up.max()))
+    return int(round(xs.mean())), int(round(ys.mean()))
 
 
 def cell_centre(index: int, grid: tuple[int, int], size: tuple[int, int]) -> tuple[float, float]:

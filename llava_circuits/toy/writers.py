@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_circuits.toy import tasks
-from llava_circuits.toy.scenes import OBJECTS, PARTNER, Scene, render, sample_scene
+from llava_circuits.toy.scenes import OBJECTS, Scene, render, sample_scene
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 

@@ -74,3 +74,10 @@ def test_run_log_holds_text_runtime_parameters_and_the_step_to_token_mapping(tmp
     assert json.loads(json_path.read_text()) == log
     md = md_path.read_text()
     assert "| 0 | 40 | `:` | `Yes` |" in md and "'Yes'" in md and "1.5 s" in md and "![step000](step000.png)" in md
+
+
+def test_the_hot_spot_of_a_corner_peak_is_inside_the_cell_not_on_the_border():
+    attn = torch.zeros(16)
+    attn[0] = 1.0  # top-left cell of a 4x4 grid, 16 view pixels per cell
+    x, y = hot_spot(attn, (4, 4), (64, 64))
+    assert 2 <= x <= 8 and 2 <= y <= 8  # the flat stretch runs from the border (0) to the cell centre (8)

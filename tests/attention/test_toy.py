@@ -1,16 +1,14 @@
-"""PENDING until the toy model localizes objects (see issue 10), then rename to test_toy.py.
-
-The trained toy model's localization heads point at the asked object; a random head does clearly worse.
-"""
+"""The trained toy model's localization heads point at the asked object; a random head does clearly worse."""
 from pathlib import Path
 
 import pytest
 
+from llava_circuits.attention.commands import item_attention
+from llava_circuits.attention.config import HeadSearchConfig, load_config
 from llava_circuits.attention.data import toy_items
-from llava_circuits.attention.extract import last_token_attention
 from llava_circuits.attention.heads import head_maps
 from llava_circuits.attention.render import box_in_view, hot_spot, model_view
-from llava_circuits.attention.stage import attention_stage
+from llava_circuits.attention.stage import TOY_CONFIG, attention_stage
 from llava_circuits.models.load import load_model
 
 TOY = Path(__file__).parents[2] / "checkpoints" / "toy-llava"
@@ -35,7 +33,7 @@ def test_overlay_hot_spot_sits_on_the_object(toy, tmp_path):
     metrics = attention_stage(toy, tmp_path / "no-manifest", tmp_path / "out", n_search=100, n_pointing=8, n_overlays=1)
     top = [tuple(p) for p in metrics["top_heads"]]
     items = toy_items(8, seed=2)  # the stage's held-out scenes (seed 0 + 2)
-    maps = head_maps(last_token_attention(toy, [(i.image, i.question) for i in items]), top)
+    maps = head_maps(item_attention(toy, items, load_config(TOY_CONFIG, "find_heads", HeadSearchConfig)), top)
     inside = 0
     for item, attn_map in zip(items, maps):
         view = model_view(item.image, toy.processor)
