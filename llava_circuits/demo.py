@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -170,7 +171,8 @@ def demo(out: str = "demo-out", seed: int = DEMO_SEED, scale: float = 0.3, stage
         out: output directory
         seed: seed of the toy data the demo measures on (training never used it)
         scale: size of the toy benchmarks relative to `toy data`'s default (0.3: the demo fits in ~10 minutes)
-        stages: run only these stages (repeatable); the figures of the others are kept from OUT/metrics.json
+        stages: run only these stages (repeatable), each into a cleared OUT/<stage> so that no answer of an earlier
+            run is reused; the figures of the others are kept from OUT/metrics.json
     """
     from llava_circuits.toy.writers import toy_data
 
@@ -191,6 +193,8 @@ def demo(out: str = "demo-out", seed: int = DEMO_SEED, scale: float = 0.3, stage
             if name in kept:
                 results[name] = kept[name]
             continue
+        if stages:
+            shutil.rmtree(root / name, ignore_errors=True)
         start = time.time()
         results[name] = stage(loaded, data_dir, root / name)
         seconds[name] = time.time() - start

@@ -13,6 +13,9 @@ def fake_world(monkeypatch, tmp_path):
     def stage(name, value):
         def run(loaded, data_dir, out):
             runs.append(name)
+            assert not (out / "answers.jsonl").exists()  # a rerun starts from an empty stage folder
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "answers.jsonl").write_text("{}\n")
             return {"x": value}
         return run
 
