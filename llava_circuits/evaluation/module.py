@@ -23,6 +23,17 @@ class ResponseLog:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("responses", "errors"):
+            self.end_cut_line(name)
+
+    def end_cut_line(self, name: str) -> None:
+        """End a last line a kill cut short, so the next record starts a line of its own instead of joining it."""
+        path = self.path(name)
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def path(self, name: str) -> Path:
         return self.out / f"{name}.jsonl"

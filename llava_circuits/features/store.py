@@ -138,12 +138,7 @@ def repair(run: str | Path, log) -> int:
     if folder.is_dir():
         for tmp in folder.glob(".acts-*.tmp-*"):
             tmp.unlink(missing_ok=True)
-    path = log.path("responses")
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # a line cut short: end it, so the next line starts clean
-                f.write(b"\n")
+    log.end_cut_line("responses")
     have = set(log.read("responses"))
     restored = 0
     for path in shards(run):
