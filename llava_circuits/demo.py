@@ -164,6 +164,10 @@ def report(results: dict, seconds: dict, warning: str | None) -> str:
     return "\n".join(lines)
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def demo(out: str = "demo-out", seed: int = DEMO_SEED, scale: float = 0.3, stages: list[str] | None = None) -> dict:
     """Run the whole pipeline on the toy world and write OUT/report.md and OUT/metrics.json.
 
@@ -184,10 +188,9 @@ def demo(out: str = "demo-out", seed: int = DEMO_SEED, scale: float = 0.3, stage
     root.mkdir(parents=True, exist_ok=True)
     loaded, warning = demo_model(root)
     data_dir = root / "data"
-    if not (data_dir / "manifest.json").is_file() or not stages:
-        toy_data(str(data_dir), seed, scale)
-    kept = json.loads((root / "metrics.json").read_text()) if stages and (root / "metrics.json").is_file() else {}
-    results, seconds = {}, json.loads((root / "seconds.json").read_text()) if kept and (root / "seconds.json").is_file() else {}
+    toy_data(str(data_dir), seed, scale)  # deterministic: a rerun rewrites the same files
+    kept = read_json(root / "metrics.json") if stages else {}
+    results, seconds = {}, read_json(root / "seconds.json") if stages else {}
     for name, stage, _ in STAGES:
         if stages and name not in stages:
             if name in kept:
