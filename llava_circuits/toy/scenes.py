@@ -71,11 +71,6 @@ class SceneObject:
         """Index of the patch (and image token) that holds the object: row * GRID + col."""
         return self.row * GRID + self.col
 
-    @property
-    def quadrant(self) -> str:
-        """'top left', 'top right', 'bottom left' or 'bottom right' (2x2 cells each)."""
-        return QUADRANTS[2 * (self.row >= GRID // 2) + (self.col >= GRID // 2)]
-
 
 @dataclass(frozen=True)
 class Scene:
@@ -89,9 +84,6 @@ class Scene:
 
     def get(self, name: str) -> SceneObject | None:
         return next((o for o in self.objects if o.name == name), None)
-
-    def in_quadrant(self, quadrant: str) -> list[SceneObject]:
-        return [o for o in self.objects if o.quadrant == quadrant]
 
     def to_json(self) -> list[dict]:
         return [
