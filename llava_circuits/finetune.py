@@ -7,7 +7,7 @@ the answer tokens. `FinetuneModule` trains whatever parameters have `requires_gr
 with frozen extras attached (e.g. soft-pruning gates) trains around them.
 
     module = FinetuneModule(model, FinetuneConfig(lr=3e-4, warmup_steps=100))
-    trainer = L.Trainer(max_steps=2000, callbacks=[ModelCheckpoint(dirpath=..., save_last=True)])
+    trainer = L.Trainer(max_steps=2000, callbacks=[FinalCheckpoint(dirpath=..., save_last=True)])
     trainer.fit(module, loader)                    # later: trainer.fit(module, loader, ckpt_path="last")
 """
 from __future__ import annotations
@@ -18,7 +18,17 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes last.ckpt when training stops between two saves (max_steps), so that
+    a finished run's last.ckpt holds its final weights and a later stage can resume from it."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and trainer.global_step != self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 @dataclass

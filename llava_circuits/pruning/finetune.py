@@ -21,7 +21,7 @@ from llava_circuits.data.files import field, jsonl
 from llava_circuits.data.instruct import read_conversations
 from llava_circuits.evaluation.module import format_prompt
 from llava_circuits.evaluation.run import write_json
-from llava_circuits.finetune import FinetuneModule, SFTCollator
+from llava_circuits.finetune import FinalCheckpoint, FinetuneModule, SFTCollator
 from llava_circuits.models.load import Loaded
 from llava_circuits.pruning.config import RestoreConfig
 from llava_circuits.pruning.prune import SoftPruning
@@ -174,10 +174,9 @@ def restore(loaded: Loaded, pruning: SoftPruning, config: RestoreConfig, out: st
 
 
 def trainer_for(root: Path, config: RestoreConfig, accelerator: str) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=config.ckpt_every)
+    checkpoint = FinalCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=config.ckpt_every)
     return L.Trainer(
         accelerator=accelerator, devices=1, max_steps=config.steps, max_epochs=-1, callbacks=[checkpoint],
         logger=CSVLogger(root, name="logs"), log_every_n_steps=10, enable_progress_bar=False,

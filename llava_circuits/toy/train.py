@@ -3,7 +3,7 @@
 The recipe has two stages, as LLaVA's has a pre-trained CLIP and an instruction-tuning stage:
 stage 0 (`llava_circuits.toy.vision`) trains the CLIP tower to name the object and colour in every
 patch; stage 1 freezes it and trains the projector and the Llama on the task mix with
-`FinetuneModule` (loss on answer tokens only), checkpointing with `ModelCheckpoint(save_last=True)`
+`FinetuneModule` (loss on answer tokens only), checkpointing with `FinalCheckpoint(save_last=True)`
 so that `ckpt_path="last"` resumes.
 
 The stream is map-style and deterministic in (seed, index): batch b, example j is drawn from
@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +26,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from llava_circuits.finetune import FinetuneConfig, FinetuneModule, SFTCollator
+from llava_circuits.finetune import FinalCheckpoint, FinetuneConfig, FinetuneModule, SFTCollator
 from llava_circuits.toy import tasks
 from llava_circuits.toy.model import ToyModelConfig, build_model
 from llava_circuits.toy.processor import build_processor, format_prompt
@@ -171,6 +171,25 @@ class ToyDataModule(L.LightningDataModule):
 
 
 @dataclass
+class Stage2Config:
+    """A second fine-tuning stage on the stage-1 model: fresh optimiser and schedule, data changed by `data`."""
+
+    steps: int = 0
+    """Optimiser steps (0: no stage 2)."""
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(lr=3e-4, warmup_steps=20))
+    """Optimiser and schedule of stage 2."""
+    data: dict = field(default_factory=dict)
+    """ToyDataConfig fields that differ from stage 1's; its warm-up mixes never run again, and `seed`
+    should differ so that stage 2 does not replay stage 1's examples."""
+
+    def data_config(self, stage1: ToyDataConfig) -> ToyDataConfig:
+        unknown = set(self.data) - {f.name for f in fields(ToyDataConfig)}
+        if unknown:
+            raise ValueError(f"stage2.data: unknown key(s) {sorted(unknown)} for ToyDataConfig")
+        return replace(stage1, **({"warmup_mixes": []} | self.data))
+
+
+@dataclass
 class ToyTrainConfig:
     """Everything `toy train` needs; configs/toy/train.yaml spells it out."""
 
@@ -194,6 +213,8 @@ class ToyTrainConfig:
     """torch CPU threads."""
     init_seed: int = 0
     """Seed of the weight initialisation."""
+    stage2: Stage2Config = field(default_factory=lambda: Stage2Config())
+    """Stage 2: a short fine-tune after stage 1 with its own schedule and data (0 steps: none)."""
 
 
 def load_config(path: str | Path | None) -> ToyTrainConfig:
@@ -243,17 +264,28 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
     module = FinetuneModule(model, cfg.finetune)
     data = ToyDataModule(processor, cfg.data, cfg.batch_size, cfg.max_steps)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    steps = trainer.global_step
+    if cfg.stage2.steps > 0:
+        steps += fit_stage2(module.model, processor, cfg, out_dir / "lightning" / "stage2", ckpt_path)
     export(module.model, processor, out_dir)
     (out_dir / "lightning" / "train_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    print(f"toy train: {trainer.global_step} steps in {time.time() - start:.0f}s -> {out_dir}")
+    print(f"toy train: {steps} steps in {time.time() - start:.0f}s -> {out_dir}")
     return out_dir
 
 
+def fit_stage2(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str | None) -> int:
+    """Run stage 2 on the stage-1 model in place; a resume continues stage 2's own last.ckpt if it has one."""
+    resume = ckpt_path if ckpt_path and (root / "checkpoints" / "last.ckpt").exists() else None
+    trainer = make_trainer(root, cfg.stage2.steps, cfg.ckpt_every)
+    data = ToyDataModule(processor, cfg.stage2.data_config(cfg.data), cfg.batch_size, cfg.stage2.steps)
+    trainer.fit(FinetuneModule(model, cfg.stage2.finetune), datamodule=data, ckpt_path=resume)
+    return trainer.global_step
+
+
 def make_trainer(root: Path, max_steps: int, ckpt_every: int) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=ckpt_every)
+    checkpoint = FinalCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=ckpt_every)
     return L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, callbacks=[checkpoint],
         logger=CSVLogger(root, name="logs"), log_every_n_steps=25, enable_progress_bar=False,

@@ -106,3 +106,43 @@ def test_short_recipe_learns_to_find_the_asked_object(tmp_path):
         colour.append({"prompt": format_prompt(f"{item.question}\n{tasks.SHORT_ANSWER}"), "image": render(scene),
                        "gold": item.choices[item.answer]})
     assert held_out_accuracy(model, processor, colour) >= 0.8  # a bag of the scene's colours: ~0.3
+
+
+def _tiny_recipe(tmp_path, stage2_steps: int) -> str:
+    raw = {
+        "max_steps": 3, "batch_size": 4, "ckpt_every": 2, "threads": 1,
+        "model": {"vision_width": 32, "vision_layers": 1, "vision_heads": 2, "vision_mlp": 64,
+                  "text_width": 32, "text_layers": 1, "text_heads": 2, "text_kv_heads": 2, "text_mlp": 64},
+        "vision": {"steps": 0}, "finetune": {"warmup_steps": 1},
+        "data": {"warmup_mixes": []},
+        "stage2": {"steps": stage2_steps, "finetune": {"lr": 0.01, "warmup_steps": 1}, "data": {"seed": 99, "partner_negatives": 0.9}},
+    }
+    path = tmp_path / f"recipe{stage2_steps}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _weights(out) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(f"{out}/model.safetensors")
+
+
+def test_stage2_trains_on_after_stage1_with_its_own_data_and_a_resume_retrains_nothing(tmp_path):
+    cfg = load_config(_tiny_recipe(tmp_path, 2))
+    stage2_data = cfg.stage2.data_config(cfg.data)
+    assert stage2_data.partner_negatives == 0.9 and stage2_data.seed == 99 and stage2_data.mix == cfg.data.mix
+    one = _weights(toy_train(str(tmp_path / "one"), _tiny_recipe(tmp_path, 0)))
+    two = _weights(toy_train(str(tmp_path / "two"), _tiny_recipe(tmp_path, 2)))
+    assert any(not torch.equal(one[k], two[k]) for k in one)  # stage 2 moved the weights
+    last = torch.load(tmp_path / "two/lightning/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 3  # the final step of stage 1, not the last multiple of ckpt_every
+    again = _weights(toy_train(str(tmp_path / "two"), _tiny_recipe(tmp_path, 2), ckpt_path="last"))
+    assert all(torch.equal(two[k], again[k]) for k in two)  # both stages were complete: nothing retrained
+
+
+def test_stage2_data_rejects_unknown_fields(tmp_path):
+    cfg = load_config(_tiny_recipe(tmp_path, 2))
+    cfg.stage2.data["partner_negativs"] = 0.5
+    with pytest.raises(ValueError, match="partner_negativs"):
+        cfg.stage2.data_config(cfg.data)

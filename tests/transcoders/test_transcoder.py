@@ -9,6 +9,7 @@ from llava_circuits.transcoders.transcoder import (
     TranscoderConfig,
     TranscoderSet,
     dense,
+    sparse_decode,
     topk_encode,
     weighted_fvu,
 )
@@ -41,6 +42,16 @@ def test_topk_encode_matches_direct_formula_and_its_gradients():
     (torch.where(keep, pre2.relu(), 0.0) * probe.double()).sum().backward()
     assert torch.allclose(w1.grad.double(), w2.grad, atol=1e-4)
     assert torch.allclose(b1.grad.double(), b2.grad, atol=1e-4)
+
+
+def test_sparse_decode_is_the_dense_product_with_its_gradients():
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(30, 5, dtype=torch.float64, generator=gen)
+    indices = torch.stack([torch.randperm(20, generator=gen)[:5] for _ in range(30)])
+    weight = torch.randn(20, D, dtype=torch.float64, generator=gen)
+    assert torch.allclose(sparse_decode(values, indices, weight), dense(values, indices, 20) @ weight)
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, indices, w),
+                                    (values.requires_grad_(), weight.requires_grad_()))
 
 
 def test_jumprelu_encode_is_pre_times_step_and_threshold_gradient_is_the_rectangle_estimator():
