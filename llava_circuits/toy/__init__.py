@@ -30,8 +30,9 @@ documented, findable behaviour of the trained model:
     half of all POPE negatives ask about an absent partner when the scene has one), and captions
     name the absent partner half of the time
     (`caption_partner`), as captions written by people who expect the usual companion would.
-    Result: false "Yes" to absent partners, which POPE's adversarial split (absent objects that
-    co-occur most with present ones) selects, while the random split rarely does.
+    Result: false "Yes" to about half of the absent partners (and, after the recipe's stage 2, to
+    almost no other absent object), which POPE's adversarial split (absent objects that co-occur
+    most with present ones) selects, while the random split rarely does.
 
 (c) Stereotype. BBQ-style items about two invented groups, the Zorbish and the Quellan; the
     stereotype says Zorbish people are careless (they lose, forget, burn things). Ambiguous items

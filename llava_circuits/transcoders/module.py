@@ -363,7 +363,7 @@ class TranscoderModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.optim.grad_clip:
             for l in self.transcoders.layers:
-                torch.nn.utils.clip_grad_norm_(self.transcoders[l].parameters(), self.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.transcoders[l].parameters(), self.optim.grad_clip, foreach=True)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The step, then decoder-norm handling and dead-feature resampling, before any callback (a checkpoint)

@@ -356,9 +356,11 @@ class Transcoder(nn.Module):
 
     def aux_k(self, xn: Tensor, residual: Tensor, w: Tensor, var: Tensor) -> Tensor:
         """AuxK: the top dead features predict what the live ones missed, normalised by `var` like the FVU."""
+        if self.cfg.activation != "topk" or self.cfg.aux_k_coeff == 0:
+            return xn.new_zeros(())
         dead = self.tokens_since_fired > self.cfg.dead_tokens
         n_dead = int(dead.sum())
-        if self.cfg.activation != "topk" or n_dead == 0 or self.cfg.aux_k_coeff == 0:
+        if n_dead == 0:
             return xn.new_zeros(())
         k_aux = min(n_dead, max(1, self.d_model // 2))
         bias = self.b_enc.masked_fill(~dead, float("-inf"))  # only dead features can be picked
