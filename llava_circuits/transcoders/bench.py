@@ -78,7 +78,8 @@ def bench_transcoders(model: str | None = None, steps: int = 20, batch: int = 16
         "layerwise": lambda: [fit_ours(loaded, batches, [l], n_features, k, stop_early=False) for l in layers],
     }
     try:
-        import sparsify  # noqa: F401
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a Triton notice, which would break --json
+            import sparsify  # noqa: F401
 
         runs["sparsify"] = lambda: fit_sparsify(loaded, batches, layers, n_features, k)
         sparsify_note = "eai-sparsify " + _version("eai-sparsify")

@@ -182,7 +182,7 @@ class _SparseDecode(torch.autograd.Function):
         values, indices, weight = ctx.saved_tensors
         grad_values = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_values = torch.bmm(weight[indices], grad[:, :, None].to(weight.dtype))[..., 0].to(values.dtype)
+            grad_values = (grad.to(weight.dtype) @ weight.T).gather(1, indices).to(values.dtype)  # no [n, k, d] gather
         if ctx.needs_input_grad[2]:
             acts = dense(values.to(weight.dtype), indices, weight.shape[0])
             grad_weight = acts.T @ grad.to(weight.dtype)
