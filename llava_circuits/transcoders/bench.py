@@ -67,7 +67,7 @@ def fit_sparsify(loaded, batches: list[dict], layers: list[int], n_features: int
 
 
 def bench_transcoders(model: str | None = None, steps: int = 20, batch: int = 16, seq: int = 64,
-                      n_features: int = 512, k: int = 16, repeats: int = 3, warmup: int = 1) -> dict:
+                      n_features: int = 512, k: int = 16, repeats: int = 7, warmup: int = 1) -> dict:
     """Tokens/s of (a) our all-layer trainer, (b) a layer-by-layer loop, (c) eai-sparsify; see the module docstring."""
     torch.manual_seed(0)
     loaded = bench_model(model)
