@@ -1,10 +1,10 @@
 """Training the toy LLaVA: the training data stream and the recipe behind `llava-circuits toy train`.
 
-The recipe has two stages, as LLaVA's has a pre-trained CLIP and an instruction-tuning stage:
-stage 0 (`llava_circuits.toy.vision`) trains the CLIP tower to name the object and colour in every
-patch; stage 1 freezes it and trains the projector and the Llama on the task mix with
-`FinetuneModule` (loss on answer tokens only), checkpointing with `FinalCheckpoint(save_last=True)`
-so that `ckpt_path="last"` resumes.
+Stage 0 (`llava_circuits.toy.vision`) trains the CLIP tower to name the object and colour in every
+patch, as LLaVA starts from a pre-trained CLIP; stage 1 freezes it and trains the projector and the
+Llama on the task mix with `FinetuneModule` (loss on answer tokens only); stage 2 (`Stage2Config`)
+fine-tunes the result with its own schedule and stream. Stages 1 and 2 checkpoint with
+`FinalCheckpoint(save_last=True)` into their own folders, so that `ckpt_path="last"` resumes either.
 
 The stream is map-style and deterministic in (seed, index): batch b, example j is drawn from
 `random.Random(f"toy-train:{seed}:{b}:{j}")`, so a resumed run sees exactly the examples an
@@ -213,7 +213,7 @@ class ToyTrainConfig:
     """torch CPU threads."""
     init_seed: int = 0
     """Seed of the weight initialisation."""
-    stage2: Stage2Config = field(default_factory=lambda: Stage2Config())
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     """Stage 2: a short fine-tune after stage 1 with its own schedule and data (0 steps: none)."""
 
 

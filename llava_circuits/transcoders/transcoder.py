@@ -168,9 +168,9 @@ class _TopKEncode(torch.autograd.Function):
 
 
 class _SparseDecode(torch.autograd.Function):
-    """sum_j values[:, j] * weight[indices[:, j]] ([n, d]) with a CPU backward: embedding_bag's own backward
-    sorts the indices and costs ~3x one dense matmul at toy widths, while scattering the values into a dense
-    [n, d_tc] matrix and multiplying is one matmul (on GPUs embedding_bag's backward is the fast one)."""
+    """sum_j values[:, j] * weight[indices[:, j]] ([n, d]) with a CPU backward of two dense matmuls: embedding_bag's
+    own backward sorts the indices and cost 2.9 ms per layer at the toy bench's width (512 features, 1024 tokens),
+    these ~1.1 ms each. On GPUs embedding_bag's backward is the fast one."""
 
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, weight: Tensor):
