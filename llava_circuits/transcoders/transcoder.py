@@ -22,6 +22,7 @@ data-driven initialisation), so that training sees unit-scale activations whatev
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,7 +140,7 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int):
-        values, indices = F.linear(x, weight, bias).topk(k, dim=-1, sorted=False)  # [n, k]
+        values, indices = row_topk(F.linear(x, weight, bias), k)  # [n, k]
         values = values.relu()
         ctx.save_for_backward(x, weight, indices, values > 0)
         return values, indices
@@ -181,12 +182,45 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         values, indices, weight = ctx.saved_tensors
         grad_values = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_values = (grad.to(weight.dtype) @ weight.T).gather(1, indices).to(values.dtype)  # no [n, k, d] gather
+        if ctx.needs_input_grad[0]:  # only the n * k dot products (MKL's sampled matmul), no [n, d_tc] or [n, k, d]
+            pattern = _row_pattern(indices, weight.shape[0], weight.dtype)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad.to(weight.dtype), weight.T, beta=0.0)
+            grad_values = grad_values.values().view_as(values).to(values.dtype)
         if ctx.needs_input_grad[2]:
             acts = dense(values.to(weight.dtype), indices, weight.shape[0])
             grad_weight = acts.T @ grad.to(weight.dtype)
         return grad_values, None, grad_weight
+
+
+def _row_pattern(indices: Tensor, n_cols: int, dtype: torch.dtype) -> Tensor:
+    """A CSR [n, n_cols] matrix with zeros at `indices` [n, k] (row by row, in their order)."""
+    n, k = indices.shape
+    crow = torch.arange(0, n * k + 1, k, device=indices.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, indices.reshape(-1), torch.zeros(n * k, dtype=dtype, device=indices.device),
+                                       (n, n_cols), check_invariants=False)
+
+
+def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) [n, k] of the k largest entries of each row of x [n, m], in no particular order.
+
+    On CPUs, for wide rows, the top k blocks by block maximum are chosen first and the k largest are taken
+    among their entries: every entry above the k-th largest value lies in one of those blocks, and they
+    hold at least k entries at or above it, so the values are exactly torch.topk's (which entry wins a tie
+    may differ). Block j holds the columns j, j + m / block, ... so that the block maxima are a reduction
+    over contiguous rows. At the toy bench's width (512, k = 16, blocks of 8) this takes 1.7 ms against
+    topk's 2.9; CUDA's radix select is faster than the two passes.
+    """
+    n, m = x.shape
+    block = 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(m / k)))))  # balances the two passes' widths
+    if x.is_cuda or block < 4 or m % block or m // block < 2 * k:
+        return x.topk(k, dim=-1, sorted=False)
+    stride = m // block
+    blocks = x.view(n, block, stride).amax(1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    candidates = (blocks[:, :, None] + torch.arange(0, m, stride, device=x.device)).reshape(n, k * block)
+    values, j = x.gather(1, candidates).topk(k, dim=-1, sorted=False)
+    return values, candidates.gather(1, j)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
@@ -288,7 +322,7 @@ class Transcoder(nn.Module):
             return pre.relu()
         if self.cfg.activation == "jumprelu":
             return _JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values, indices = row_topk(pre, self.cfg.k)
         return dense(values.relu(), indices, pre.shape[-1])
 
     def encode(self, x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from llava_circuits.transcoders.transcoder import (
     TranscoderConfig,
     TranscoderSet,
     dense,
+    row_topk,
     sparse_decode,
     topk_encode,
     weighted_fvu,
@@ -42,6 +43,19 @@ def test_topk_encode_matches_direct_formula_and_its_gradients():
     (torch.where(keep, pre2.relu(), 0.0) * probe.double()).sum().backward()
     assert torch.allclose(w1.grad.double(), w2.grad, atol=1e-4)
     assert torch.allclose(b1.grad.double(), b2.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,k", [(512, 16), (640, 5), (4096, 64), (100, 7)])
+def test_row_topk_values_are_torch_topks_with_ties_and_infinities(m, k):
+    gen = torch.Generator().manual_seed(m + k)
+    x = torch.randint(-20, 20, (64, m), generator=gen).float()  # many ties
+    x[:8] = float("-inf")  # rows where AuxK masked out most features
+    x[:8, torch.randperm(m, generator=gen)[: k // 2]] = 3.0
+    x[8:16] = torch.randn(8, m, generator=gen)
+    values, indices = row_topk(x, k)
+    assert torch.equal(values.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values)
+    assert torch.equal(x.gather(1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices)  # k distinct features per row
 
 
 def test_sparse_decode_is_the_dense_product_with_its_gradients():
