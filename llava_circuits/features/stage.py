@@ -8,6 +8,9 @@ data the steering is measured against the unsteered model and against as many ra
                                       (positive: fewer "yes" to absent partner objects, the intended way)
     steer_random_accuracy_drop        accuracy(unsteered) - accuracy(steered) on POPE random
     random_features_yes_ratio_shift   yes_ratio(unsteered) - yes_ratio(random features steered), adversarial
+    false_yes_share_unsteered         share of adversarial questions answered with a false "yes": the largest
+                                      shift that leaves every present object's "yes" alone
+    false_yes_removed                 fraction of those false "yes" the steering turned into "no"
 """
 from __future__ import annotations
 
@@ -103,6 +106,9 @@ def features_stage(loaded: Loaded, data_dir: Path, out: Path, config: str | Path
         "adversarial_accuracy_unsteered": base["adversarial"]["accuracy"],
         "adversarial_accuracy_steered": steered["adversarial"]["accuracy"],
         "random_features_random_accuracy_drop": base["random"]["accuracy"] - randomly["random"]["accuracy"],
+        # the shift that removing every false "yes" and nothing else would give: beyond it, present objects get "no"
+        "false_yes_share_unsteered": base["adversarial"]["yes_ratio"] * (1 - base["adversarial"]["precision"]),
+        "false_yes_removed": 1 - steered["adversarial"]["fp_rate"] / max(base["adversarial"]["fp_rate"], 1e-12),
     }
     write_json(out / "figures.json", {**figures, "features": features, "random_features": randoms,
                                       "steer": cfg.steer.__dict__, "transcoders": str(transcoders)})
