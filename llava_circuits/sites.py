@@ -113,6 +113,17 @@ class Tracker:
     def remove(self) -> None:
         self.handle.remove()
 
+    def last_only(self, positions: Positions) -> bool | None:
+        """True when `positions` select exactly the last column of every row in this forward, False when they
+        select nothing, None when it takes the mask to tell."""
+        if not isinstance(positions, str) or self.step is None:
+            return None
+        if positions == "last" or (positions == "prompt_last" and self.step.phase == "prefill"):
+            return True
+        if positions == "prompt_last":
+            return False
+        return None
+
     def mask(self, positions: Positions, batch: int, length: int) -> Tensor | None:
         """Bool [batch, length] of selected positions in this forward; None means every position."""
         if isinstance(positions, str) and positions == "all":
@@ -265,7 +276,18 @@ class _Hooks:
     def apply(self, site: Site, act: Tensor, handler: Callable[[Tensor, HookContext], Tensor | None]) -> Tensor | None:
         """Run handler on the selected positions of act [batch, pos, ...]; return act edited, or None if unchanged."""
         b, s = act.shape[:2]
+        last = self.tracker.last_only(self.positions)
+        if last is False:  # e.g. prompt_last while decoding
+            return None
         mask = self.tracker.mask(self.positions, b, s)
+        if last:  # the last column of every row: a slice, not a boolean gather and scatter (steering in generate)
+            ctx = HookContext(site, self.tracker.step, (b, s), mask, act.device)
+            new = handler(act[:, -1], ctx)
+            if new is None:
+                return None
+            edited = act.clone()
+            edited[:, -1] = new.to(act.dtype)
+            return edited
         if mask is not None and not bool(mask.any()):
             return None
         ctx = HookContext(site, self.tracker.step, (b, s), mask, act.device)

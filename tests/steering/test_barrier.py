@@ -9,8 +9,11 @@ from llava_circuits.sites import capture
 from llava_circuits.steering.barrier import (
     Barrier,
     BarrierConfig,
+    attention_of,
     barrier_theta,
+    closed_form_grad,
     image_attention,
+    image_attention_grad,
     logit_effects,
 )
 from llava_circuits.steering.base import load_intervention
@@ -96,6 +99,25 @@ def test_theta_is_the_closed_form_with_a_finite_difference_gradient(llava_inputs
     torch.testing.assert_close(capped.norm(dim=-1), 1e-3 * x.norm(dim=-1), rtol=1e-9, atol=0)
     above, _, _ = barrier_theta(x, h_fn, tau=1e-6)
     assert not above.any()  # rows at or above tau are left alone
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_closed_form_gradient_is_autograds_at_prefill_and_while_decoding(llava_inputs, monkeypatch, n_kv_heads):
+    monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm_float64)
+    model = tiny_llava(seed=2, n_kv_heads=n_kv_heads).double()
+    loaded = Loaded(model, tiny_processor(), Anatomy.of(model), name_or_path="tiny-llava")
+    stash = Stash(BarrierConfig(tau=1e-6))  # measures only
+    with torch.no_grad(), stash.applied(loaded):
+        model.generate(**{**llava_inputs, "pixel_values": llava_inputs["pixel_values"].double()}, max_new_tokens=3,
+                       do_sample=False, pad_token_id=0)
+    assert {phase for _, phase, _, _ in stash.seen} == {"prefill", "decode"}
+    for layer, _, x, keys in stash.seen:
+        assert closed_form_grad(loaded.anatomy, layer)
+        keys = type(keys)(**{f: getattr(keys, f).clone() for f in keys.__dataclass_fields__})
+        _, _, expected = barrier_theta(x, lambda v: image_attention(v, loaded.anatomy, layer, keys), 0.5)
+        with torch.no_grad():
+            got = image_attention_grad(attention_of(x, loaded.anatomy, layer, keys), loaded.anatomy, layer, keys)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_steered_h_after_is_the_attention_the_layer_really_computes(sharp, llava_inputs):
