@@ -167,12 +167,20 @@ def select(positions: Positions, step: Step, anatomy: Anatomy, batch: int) -> Te
 class HookContext:
     """What a two-argument intervention function learns about the call: where and when it is."""
 
-    def __init__(self, site: Site, step: Step | None, shape: tuple[int, int], mask: Tensor | None, device):
+    def __init__(self, site: Site, step: Step | None, shape: tuple[int, int],
+                 mask: Tensor | Callable[[], Tensor] | None, device):
         self.site, self.layer, self.step = str(site), site.layer, step
         self.phase = step.phase if step is not None else "prefill"
         self.past_len = step.past_len if step is not None else 0
-        self.shape, self.mask, self._device = shape, mask, device  # mask None: every position
+        self.shape, self._mask, self._device = shape, mask, device  # mask None: every position
         self._index: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def mask(self) -> Tensor | None:
+        """Bool [batch, pos] of the selected positions; None when every position is."""
+        if callable(self._mask):  # made on first use: most edits never ask
+            self._mask = self._mask()
+        return self._mask
 
     @property
     def batch(self) -> Tensor:
@@ -279,15 +287,15 @@ class _Hooks:
         last = self.tracker.last_only(self.positions)
         if last is False:  # e.g. prompt_last while decoding
             return None
-        mask = self.tracker.mask(self.positions, b, s)
         if last:  # the last column of every row: a slice, not a boolean gather and scatter (steering in generate)
-            ctx = HookContext(site, self.tracker.step, (b, s), mask, act.device)
+            ctx = HookContext(site, self.tracker.step, (b, s), lambda: self.tracker.mask(self.positions, b, s), act.device)
             new = handler(act[:, -1], ctx)
             if new is None:
                 return None
             edited = act.clone()
             edited[:, -1] = new.to(act.dtype)
             return edited
+        mask = self.tracker.mask(self.positions, b, s)
         if mask is not None and not bool(mask.any()):
             return None
         ctx = HookContext(site, self.tracker.step, (b, s), mask, act.device)

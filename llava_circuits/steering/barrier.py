@@ -85,9 +85,21 @@ class Keys:
     image: Tensor  # [batch, T] bool: image keys counted in h
 
     @functools.cached_property
-    def blocked(self) -> Tensor:
-        """[batch, 1, 1, T] bool: keys the query may not attend to."""
-        return ~self.allowed[:, None, None, :]
+    def bias(self) -> Tensor:
+        """[batch, 1, 1, T] added to the scores: 0 for keys the query may attend to, -inf for the others."""
+        zero = torch.zeros(self.allowed.shape, dtype=torch.promote_types(self.other.dtype, torch.float32),
+                           device=self.allowed.device)
+        return zero.masked_fill(~self.allowed, float("-inf"))[:, None, None, :]
+
+    @functools.cached_property
+    def rope(self) -> Tensor:
+        """[batch, hd, hd] RoPE at the query position as a matrix: v @ rope = v cos + rotate_half(v) sin."""
+        hd = self.cos.shape[-1]
+        half = hd // 2
+        rot = torch.zeros(hd, hd, dtype=self.cos.dtype, device=self.cos.device)  # v @ rot = rotate_half(v)
+        rot[torch.arange(half, hd), torch.arange(half)] = -1
+        rot[torch.arange(half), torch.arange(half, hd)] = 1
+        return torch.diag_embed(self.cos) + rot * self.sin[:, None, :]
 
     @functools.cached_property
     def image_row(self) -> Tensor:
@@ -129,17 +141,12 @@ def closed_form_grad(anatomy: Anatomy, layer: int) -> bool:
     return plain and name.endswith("RMSNorm") and not name.startswith("Gemma") and hasattr(norm, "variance_epsilon")
 
 
-def _rotate_half(t: Tensor) -> Tensor:
-    half = t.shape[-1] // 2
-    return torch.cat([-t[..., half:], t[..., :half]], dim=-1)
-
-
 def attention_of(x: Tensor, anatomy: Anatomy, layer: int, keys: Keys) -> Attention:
     """The attention the query at residual x [batch, d_model] pays, as layer `layer` computes it (its own key
     included, made from the same x), and h(x), its mean mass on image keys over heads.
 
     Llama-style norms are written out (LlamaRMSNorm's arithmetic, in float32 or wider) so that the gradient can
-    reuse 1 / rms(x); RoPE is applied to queries and the own key in one go. Written for few ops: on small models
+    reuse 1 / rms(x); RoPE is one matrix product for queries and the own key. Written for few ops: on small models
     barrier steering costs what its ops cost to dispatch.
     """
     b, a = x.shape[0], anatomy
@@ -153,12 +160,10 @@ def attention_of(x: Tensor, anatomy: Anatomy, layer: int, keys: Keys) -> Attenti
         xn = norm(x)
     q = a.proj(layer, "q_proj")(xn).view(b, a.n_heads, hd)
     k = a.proj(layer, "k_proj")(xn).view(b, kv, hd)
-    qk = torch.cat([q, k], dim=1)  # [b, H + KV, hd]
-    qk = qk * keys.cos[:, None] + _rotate_half(qk) * keys.sin[:, None]
+    qk = torch.cat([q, k], dim=1) @ keys.rope  # [b, H + KV, hd], RoPE applied
     q, k = qk[:, : a.n_heads].view(b, kv, groups, hd), qk[:, a.n_heads :, None]  # query head h reads KV head h // groups
     scores = torch.cat([q @ keys.other.transpose(-1, -2), (q * k).sum(-1, keepdim=True)], dim=-1)  # [b, KV, G, T]
-    scores = (wide(scores) * a.attn(layer).scaling).masked_fill(keys.blocked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(torch.add(keys.bias, wide(scores), alpha=a.attn(layer).scaling), dim=-1)
     mass = (probs @ keys.image_column)[..., 0]  # [b, KV, G]
     return Attention(x, r, q, k, probs, mass, mass.mean(dim=(1, 2)))
 
@@ -175,7 +180,7 @@ def image_attention_grad(att: Attention, anatomy: Anatomy, layer: int, keys: Key
 
         dh/ds_j = p_j (image_j - mass) / n_heads       per head, over keys j (the own key last)
         dq      = scaling sum_j dh/ds_j k_j,           dk_own = scaling sum over the KV group of dh/ds_own q
-        RoPE is v cos + rot(v) sin, so its transpose takes g to g cos - rot(g sin)
+        RoPE is v @ R (`Keys.rope`), so its transpose takes g to g @ R^T
         dn      = dq_pre W_q + dk_pre W_k,              n = w x r with r = (mean x^2 + eps)^-1/2:
         dx      = r (w dn) - r^3 / d_model (x . (w dn)) x
     """
@@ -184,8 +189,7 @@ def image_attention_grad(att: Attention, anatomy: Anatomy, layer: int, keys: Key
     q, k = wide(att.q), wide(att.k)
     dq = ds[..., :-1] @ wide(keys.other) + ds[..., -1:] * k  # [b, KV, G, hd]
     dk = (ds[..., -1:] * q).sum(2)  # [b, KV, hd]
-    g = torch.cat([dq.reshape(b, a.n_heads, -1), dk], dim=1)  # [b, H + KV, hd]
-    g = g * wide(keys.cos)[:, None] - _rotate_half(g * wide(keys.sin)[:, None])
+    g = torch.cat([dq.reshape(b, a.n_heads, -1), dk], dim=1) @ wide(keys.rope).transpose(-1, -2)  # [b, H + KV, hd]
     dn = g[:, : a.n_heads].reshape(b, -1) @ wide(a.proj(layer, "q_proj").weight) \
         + g[:, a.n_heads :].reshape(b, -1) @ wide(a.proj(layer, "k_proj").weight)  # [b, d]
     x, r = wide(att.x), att.r

@@ -163,14 +163,17 @@ def top_heads(importance: Tensor, k: int, per_layer: bool = False) -> list[tuple
 
 def steer_heads(act: Tensor, chosen: Tensor, directions: Tensor, alpha: float, form: str) -> Tensor:
     """act [n, n_heads, head_dim] with the chosen heads (bool [n_heads]) moved away from their unit directions
-    [n_heads, head_dim] (zero rows elsewhere) and rescaled to their old norms; other heads are returned as they are."""
-    x = act.float()
+    [n_heads, head_dim] (zero rows elsewhere) and rescaled to their old norms; other heads are returned as they are.
+    Few ops on purpose: this runs at every decoding step."""
+    x = act if act.dtype == torch.float32 else act.float()
     if form == "add":
         new = x - alpha * directions
     else:
-        new = x - (alpha * (x * directions).sum(-1, keepdim=True)) * directions
-    new = new * (x.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    return torch.where(chosen[:, None], new, x).to(act.dtype)
+        new = torch.addcmul(x, torch.linalg.vecdot(x, directions)[..., None], directions, value=-alpha)
+    new = new * (torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+                 / torch.linalg.vector_norm(new, dim=-1, keepdim=True).clamp_min(1e-12))
+    out = torch.where(chosen[:, None], new, x)
+    return out if out.dtype == act.dtype else out.to(act.dtype)
 
 
 # --- the intervention -------------------------------------------------------------------------------
