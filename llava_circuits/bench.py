@@ -133,9 +133,15 @@ def bench_transcoders(model: str | None = None) -> dict:
     return run(model)
 
 
+def bench_transcoders_scale(model: str | None = None) -> dict:
+    from llava_circuits.transcoders.bench import bench_transcoders_scale as run
+
+    return run(model)
+
+
 BENCHES: dict[str, Callable[..., dict]] = {
     "capture": bench_capture, "eval": bench_eval, "attention": bench_attention, "steering": bench_steering,
-    "transcoders": bench_transcoders,
+    "transcoders": bench_transcoders, "transcoders_scale": bench_transcoders_scale,
 }
 
 
@@ -143,7 +149,7 @@ def bench(name: str, json: bool = False, model: str | None = None) -> dict:
     """Run benchmark NAME and print its ratios (the last line is JSON with --json).
 
     Args:
-        name: which benchmark: capture (capture_overhead), eval (batched_speedup), attention (memory_ratio; default model: a random LLaVA-1.5-7B geometry), steering (steerfair_overhead, barrier_overhead), transcoders (all_layers_vs_layerwise, vs_sparsify)
+        name: which benchmark: capture (capture_overhead), eval (batched_speedup), attention (memory_ratio; default model: a random LLaVA-1.5-7B geometry), steering (steerfair_overhead, barrier_overhead), transcoders (all_layers_vs_layerwise, vs_sparsify), transcoders_scale (tokens/s and peak memory for 4 and 32 layers of a random LLaVA-1.5-7B at 32768 features: the GPU figures; --model llava-1.5-7b-geometry:WIDTH narrows it)
         json: print the result as one JSON object on the last line
         model: model id or path (default: the toy model)
     """
@@ -152,6 +158,8 @@ def bench(name: str, json: bool = False, model: str | None = None) -> dict:
     result = BENCHES[name](model=model)
     for ratio, value in result["ratios"].items():
         print(f"{name}: {ratio} = {value:.3f}")
+    for key, run in result.get("runs", {}).items():
+        print(f"{name}: {key}: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in run.items()))
     if json:
         print(json_lib.dumps(result))
     return result

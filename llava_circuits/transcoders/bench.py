@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+import time
 
 import torch
 
@@ -105,3 +106,74 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "unknown"
+
+
+# --- at LLaVA-1.5-7B scale (the GPU figures) -------------------------------------------------------
+
+SCALE_MODEL = "llava-1.5-7b-geometry"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_transcoders_scale(model: str | None = None, layer_counts: tuple[int, ...] = (4, 32), n_features: int = 32768,
+                            k: int = 64, batch: int = 4, seq: int = 512, steps: int = 6, warmup: int = 2) -> dict:
+    """Tokens/s and peak memory of our all-layer trainer on a random-init LLaVA-1.5-7B (bf16 on CUDA, its
+    32 x 4096 Llama; `llava-1.5-7b-geometry:WIDTH` narrows it, for CPU runs) for the first 4 and all 32
+    layers, TopK transcoders at `n_features`, fp32 with Adam. A count that does not fit reports the error
+    and the transcoder state it needed (weights, gradients and Adam's two moments: 16 bytes per parameter).
+    """
+    import lightning as L
+
+    from llava_circuits.attention.bench import geometry_model
+    from llava_circuits.transcoders.module import TranscoderModule
+    from llava_circuits.transcoders.transcoder import TranscoderConfig
+
+    name = model or SCALE_MODEL
+    if not name.startswith(SCALE_MODEL):
+        raise ValueError(f"bench transcoders_scale runs on {SCALE_MODEL}[:WIDTH], not {name!r}")
+    width = int(name.split(":")[1]) if ":" in name else None
+    loaded = geometry_model(width)
+    d = loaded.anatomy.d_model
+    batches = text_batches(loaded, warmup + steps, batch, seq)
+    cuda = torch.cuda.is_available()
+    results = {}
+    for n_layers in layer_counts:
+        layers = list(range(min(n_layers, loaded.anatomy.n_layers)))
+        state_bytes = len(layers) * (2 * n_features * d + n_features + d) * 16
+        marks: list[float] = []
+
+        class Clock(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch_, batch_idx):
+                if batch_idx == warmup:
+                    _sync()
+                    marks.append(time.perf_counter())
+
+            def on_train_batch_end(self, trainer, module, outputs, batch_, batch_idx):
+                if batch_idx == warmup + steps - 1:
+                    _sync()
+                    marks.append(time.perf_counter())
+
+        cfg = TranscoderConfig(n_features=n_features, activation="topk", k=k, aux_k_coeff=0.0)
+        module = TranscoderModule.for_loaded(loaded, layers=layers, transcoder=cfg, replacement_check=False,
+                                             log_every=10**9)
+        trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Clock()])
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        row = {"layers": len(layers), "transcoder_state_gb": state_bytes / 1e9}
+        try:
+            trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+            row["tokens_per_second"] = steps * batch * seq / (marks[1] - marks[0])
+        except torch.OutOfMemoryError as err:
+            row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        if cuda:
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        del module, trainer
+        results[str(n_layers)] = row
+    return {"ratios": {}, "runs": results, "model": loaded.name_or_path, "d_model": d, "n_features": n_features, "k": k,
+            "batch": [batch, seq], "steps": steps, "warmup_steps": warmup, "device": _device()}
