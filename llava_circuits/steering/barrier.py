@@ -25,7 +25,6 @@ logits ("Yes" minus "No"), for all layers together and for each layer alone.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -84,32 +83,45 @@ class Keys:
     allowed: Tensor  # [batch, T] bool: keys the query may attend to (the last one is its own)
     image: Tensor  # [batch, T] bool: image keys counted in h
 
-    @functools.cached_property
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
+    """Tensors made from cos, sin, allowed and image (not from `other`): the layers of one forward share them."""
+
+    def _made(self, name: str, make: Callable[[], Tensor]) -> Tensor:
+        if name not in self.shared:
+            self.shared[name] = make()
+        return self.shared[name]
+
+    @property
     def bias(self) -> Tensor:
         """[batch, 1, 1, T] added to the scores: 0 for keys the query may attend to, -inf for the others."""
-        zero = torch.zeros(self.allowed.shape, dtype=torch.promote_types(self.other.dtype, torch.float32),
-                           device=self.allowed.device)
-        return zero.masked_fill(~self.allowed, float("-inf"))[:, None, None, :]
+        def make():
+            zero = torch.zeros(self.allowed.shape, dtype=torch.promote_types(self.other.dtype, torch.float32),
+                               device=self.allowed.device)
+            return zero.masked_fill(~self.allowed, float("-inf"))[:, None, None, :]
+        return self._made("bias", make)
 
-    @functools.cached_property
+    @property
     def rope(self) -> Tensor:
         """[batch, hd, hd] RoPE at the query position as a matrix: v @ rope = v cos + rotate_half(v) sin."""
-        hd = self.cos.shape[-1]
-        half = hd // 2
-        rot = torch.zeros(hd, hd, dtype=self.cos.dtype, device=self.cos.device)  # v @ rot = rotate_half(v)
-        rot[torch.arange(half, hd), torch.arange(half)] = -1
-        rot[torch.arange(half), torch.arange(half, hd)] = 1
-        return torch.diag_embed(self.cos) + rot * self.sin[:, None, :]
+        def make():
+            hd = self.cos.shape[-1]
+            half = hd // 2
+            rot = torch.zeros(hd, hd, dtype=self.cos.dtype, device=self.cos.device)  # v @ rot = rotate_half(v)
+            rot[torch.arange(half, hd), torch.arange(half)] = -1
+            rot[torch.arange(half), torch.arange(half, hd)] = 1
+            return torch.diag_embed(self.cos) + rot * self.sin[:, None, :]
+        return self._made("rope", make)
 
-    @functools.cached_property
+    @property
     def image_row(self) -> Tensor:
         """[batch, 1, 1, T] image keys as 0 / 1 in the attention's dtype."""
-        return self.image[:, None, None, :].to(torch.promote_types(self.other.dtype, torch.float32))
+        return self._made("image_row", lambda: self.image[:, None, None, :].to(
+            torch.promote_types(self.other.dtype, torch.float32)))
 
-    @functools.cached_property
+    @property
     def image_column(self) -> Tensor:
         """[batch, 1, T, 1] the same, as a column: probs @ it sums the mass on image keys."""
-        return self.image_row.transpose(-1, -2)
+        return self._made("image_column", lambda: self.image_row.transpose(-1, -2))
 
 
 def wide(t: Tensor) -> Tensor:
@@ -222,6 +234,18 @@ def barrier_theta(x: Tensor, h_fn: Callable[[Tensor], Tensor], tau: float, alpha
     return closed_form_step(x, h, g, tau, alpha, max_step), h, g
 
 
+@dataclass
+class _StepKeys:
+    """The part of Keys that one forward's layers share."""
+
+    step: Step
+    cos: Tensor
+    sin: Tensor
+    allowed: Tensor
+    image: Tensor
+    cache: dict
+
+
 class Barrier(Intervention):
     """Barrier steering as an Intervention: forward pre-hooks on the chosen decoder layers."""
 
@@ -237,6 +261,7 @@ class Barrier(Intervention):
         self._tracker: Tracker | None = None
         self._anatomy: Anatomy | None = None
         self._sinks: dict[int, Tensor] = {}
+        self._step_keys: _StepKeys | None = None
         self._calls, self._counted = 0, None
 
     # --- attaching --------------------------------------------------------------------------------
@@ -263,6 +288,7 @@ class Barrier(Intervention):
             self._tracker.remove()
             self._tracker = None
         self._sinks = {}
+        self._step_keys = None
 
     def _hook(self, layer: int, args: tuple, kwargs: dict):
         step = self._tracker.step
@@ -293,19 +319,23 @@ class Barrier(Intervention):
             k = k.view(b, length - 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
             k, _ = apply_rotary_pos_emb(k, k, cos[:, :-1], sin[:, :-1])
             parts.append(k)
-        total = step.past_len + length
-        if step.seq_ids is None:
-            raise ValueError("barrier steering needs input_ids (to find image tokens), not inputs_embeds")
-        image = a.image_mask(step.seq_ids[:, :total])  # [b, T]
-        mask = step.attention_mask
-        allowed = mask[:, :total].bool() if mask is not None else torch.ones_like(image)
-        if self.config.sink_ratio is not None:
-            image = image & ~self._sink_mask(layer, x, image, step, total)
         if not parts:  # a one-token prompt: the query sees only itself
             parts.append(x.new_zeros(b, a.n_kv_heads, 0, a.head_dim))
         other = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # decoding: the cache itself, no copy
-        return Keys(other, cos[:, -1].expand(b, -1).clone(), sin[:, -1].expand(b, -1).clone(),
-                    allowed, image)
+        if self._step_keys is None or self._step_keys.step is not step:  # what every layer of this forward shares
+            total = step.past_len + length
+            if step.seq_ids is None:
+                raise ValueError("barrier steering needs input_ids (to find image tokens), not inputs_embeds")
+            image = a.image_mask(step.seq_ids[:, :total])  # [b, T]
+            mask = step.attention_mask
+            allowed = mask[:, :total].bool() if mask is not None else torch.ones_like(image)
+            self._step_keys = _StepKeys(step, cos[:, -1].expand(b, -1).clone(), sin[:, -1].expand(b, -1).clone(),
+                                        allowed, image, {})
+        shared = self._step_keys
+        if self.config.sink_ratio is not None:  # sinks differ by layer: so do the image-derived tensors
+            image = shared.image & ~self._sink_mask(layer, x, shared.image, step, shared.image.shape[1])
+            return Keys(other, shared.cos, shared.sin, shared.allowed, image)
+        return Keys(other, shared.cos, shared.sin, shared.allowed, shared.image, shared.cache)
 
     def _sink_mask(self, layer: int, x: Tensor, image: Tensor, step: Step, total: int) -> Tensor:
         """Bool [b, T]: image tokens whose input norm at prefill exceeds sink_ratio x the row's median."""
