@@ -13,7 +13,7 @@ masked as the layer masks them. If h(x) < tau, with g = grad_x h(x):
 
     theta = alpha * (tau - h(x)) / ||g||^2 * g        (the minimal ||theta|| with h(x) + g . theta = tau)
 
-is added to x (the residual stream, before the layer), shrunk to ||theta|| <= max_step * ||x||, and the
+(aimed at tau + margin, a hair above, so that iterates approaching tau from below cross it) is added to x (the residual stream, before the layer), shrunk to ||theta|| <= max_step * ||x||, and the
 step is repeated until h >= tau or max_iters steps were taken. Image keys can leave out attention
 sinks: image tokens whose layer-input norm exceeds sink_ratio times the median image-token norm of their
 row (measured at prefill, kept while decoding).
@@ -60,6 +60,9 @@ class BarrierConfig:
     """Cap of one step: ||theta|| <= max_step * ||x||."""
     max_iters: int = 5
     """Steps per position at most, repeated while h < tau."""
+    margin: float = 1e-3
+    """Each step aims at tau + margin: linearised steps approach tau from below where h is concave and would
+    otherwise stop short of it by rounding errors (5e-8 on the toy) when max_iters runs out."""
     sink_ratio: float | None = None
     """Leave out image tokens whose layer-input norm exceeds this many times the row's median (sinks)."""
 
@@ -69,8 +72,8 @@ class BarrierConfig:
             raise ValueError(f"phases must be a non-empty subset of {PHASES}, got {self.phases!r}")
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"tau must lie in (0, 1), got {self.tau}")
-        if self.max_iters < 1 or self.max_step <= 0 or self.alpha <= 0:
-            raise ValueError("max_iters must be >= 1, max_step and alpha > 0")
+        if self.max_iters < 1 or self.max_step <= 0 or self.alpha <= 0 or not 0 <= self.margin < 1 - self.tau:
+            raise ValueError("max_iters must be >= 1, max_step and alpha > 0, margin in [0, 1 - tau)")
 
 
 @dataclass
@@ -361,11 +364,11 @@ class Barrier(Intervention):
         while bool(active.any()) and iters < cfg.max_iters:
             if closed:
                 with torch.no_grad():
-                    theta = closed_form_step(x, h, image_attention_grad(att, a, layer, keys), cfg.tau, cfg.alpha,
-                                             cfg.max_step)
+                    theta = closed_form_step(x, h, image_attention_grad(att, a, layer, keys), cfg.tau + cfg.margin,
+                                             cfg.alpha, cfg.max_step)
             else:
-                theta, _, _ = barrier_theta(x, lambda v: image_attention(v, a, layer, keys), cfg.tau, cfg.alpha,
-                                            cfg.max_step)
+                theta, _, _ = barrier_theta(x, lambda v: image_attention(v, a, layer, keys), cfg.tau + cfg.margin,
+                                            cfg.alpha, cfg.max_step)
             x = x + theta * active[:, None].to(theta.dtype)
             with torch.no_grad():
                 att = attention_of(x, a, layer, keys)

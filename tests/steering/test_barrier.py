@@ -130,11 +130,22 @@ def test_steered_h_after_is_the_attention_the_layer_really_computes(sharp, llava
     assert sum(r["steered"] for r in records) >= 3
     for k, r in enumerate(records):  # records: forward by forward, row by row; mass[forward]: [batch]
         assert r["h_after"] == pytest.approx(float(mass[k // 3][r["row"]]), abs=1e-5)
+
         if r["steered"]:
             assert r["h_after"] >= 0.8 and r["theta_ratio"] > 0 and r["iters"] >= 1
         else:
             assert r["h_after"] == r["h_before"] >= 0.8 and r["theta_ratio"] == 0
     assert barrier.summary()["min_h_after_minus_tau"] >= 0
+
+
+def test_steps_aim_a_margin_above_tau_so_that_no_steered_h_stops_a_rounding_short(sharp, llava_inputs):
+    for margin, reaches in [(1e-3, True), (0.0, False)]:  # without the margin, iterates stop at tau - 5e-8
+        barrier = Barrier(BarrierConfig(tau=0.8, margin=margin), record=True)
+        with torch.no_grad(), barrier.applied(sharp):
+            sharp.model.generate(**llava_inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        steered = [r["h_after"] for r in barrier.records if r["steered"]]
+        assert len(steered) > 40
+        assert (min(steered) >= 0.8) == reaches
 
 
 def test_works_under_inference_mode_and_detach_restores_logits_bit_identically(sharp, llava_inputs):
