@@ -182,10 +182,13 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         values, indices, weight = ctx.saved_tensors
         grad_values = grad_weight = None
-        if ctx.needs_input_grad[0]:  # only the n * k dot products (MKL's sampled matmul), no [n, d_tc] or [n, k, d]
+        if ctx.needs_input_grad[0] and weight.dtype in (torch.float32, torch.float64):
+            # only the n * k dot products (a sampled matmul), no [n, d_tc] or [n, k, d] tensor
             pattern = _row_pattern(indices, weight.shape[0], weight.dtype)
             grad_values = torch.sparse.sampled_addmm(pattern, grad.to(weight.dtype), weight.T, beta=0.0)
             grad_values = grad_values.values().view_as(values).to(values.dtype)
+        elif ctx.needs_input_grad[0]:  # half precision: CPU's sampled matmul has no kernel for it
+            grad_values = (grad.to(weight.dtype) @ weight.T).gather(1, indices).to(values.dtype)
         if ctx.needs_input_grad[2]:
             acts = dense(values.to(weight.dtype), indices, weight.shape[0])
             grad_weight = acts.T @ grad.to(weight.dtype)

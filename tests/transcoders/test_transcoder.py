@@ -68,6 +68,21 @@ def test_sparse_decode_is_the_dense_product_with_its_gradients():
                                     (values.requires_grad_(), weight.requires_grad_()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_decode_gradients_in_half_precision_match_float32(dtype):
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(30, 5, generator=gen)
+    indices = torch.stack([torch.randperm(20, generator=gen)[:5] for _ in range(30)])
+    weight = torch.randn(20, D, generator=gen)
+    grads = {}
+    for dt in (torch.float32, dtype):
+        v, w = values.to(dt).detach().requires_grad_(), weight.to(dt).detach().requires_grad_()
+        sparse_decode(v, indices, w).sum().backward()
+        grads[dt] = (v.grad.float(), w.grad.float())
+    for got, want in zip(grads[dtype], grads[torch.float32]):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+
+
 def test_jumprelu_encode_is_pre_times_step_and_threshold_gradient_is_the_rectangle_estimator():
     cfg = TranscoderConfig(n_features=8, activation="jumprelu", threshold_init=0.3, bandwidth=0.5)
     t = Transcoder(D, cfg)
