@@ -17,7 +17,7 @@ from llava_circuits.steering.callbacks import encode
 from llava_circuits.steering.steerfair import SteerFair, SteerFairConfig
 
 
-def bench_steering(model: str | None = None, n: int = 16, max_new_tokens: int = 8, repeats: int = 15) -> dict:
+def bench_steering(model: str | None = None, n: int = 16, max_new_tokens: int = 8, repeats: int = 31) -> dict:
     """The same n POPE-style prompts (one batch, greedy, max_new_tokens) plain, with SteerFair (default
     settings, random unit directions: the cost does not depend on them) and with barrier steering (default
     settings, every layer, both phases). Ratios: steerfair_overhead, barrier_overhead (time with / without)."""
