@@ -284,7 +284,8 @@ class _Hooks:
     def apply(self, site: Site, act: Tensor, handler: Callable[[Tensor, HookContext], Tensor | None]) -> Tensor | None:
         """Run handler on the selected positions of act [batch, pos, ...]; return act edited, or None if unchanged."""
         b, s = act.shape[:2]
-        last = self.tracker.last_only(self.positions)
+        step = self.tracker.step
+        last = self.tracker.last_only(self.positions) if step is not None and step.length == s else None  # else: mask
         if last is False:  # e.g. prompt_last while decoding
             return None
         if last:  # the last column of every row: a slice, not a boolean gather and scatter (steering in generate)

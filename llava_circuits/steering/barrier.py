@@ -13,8 +13,9 @@ masked as the layer masks them. If h(x) < tau, with g = grad_x h(x):
 
     theta = alpha * (tau - h(x)) / ||g||^2 * g        (the minimal ||theta|| with h(x) + g . theta = tau)
 
-(aimed at tau + margin, a hair above, so that iterates approaching tau from below cross it) is added to x (the residual stream, before the layer), shrunk to ||theta|| <= max_step * ||x||, and the
-step is repeated until h >= tau or max_iters steps were taken. Image keys can leave out attention
+(aimed at tau + margin, a hair above, so that iterates approaching tau from below cross it) is added
+to x (the residual stream, before the layer), shrunk to ||theta|| <= max_step * ||x||, and the step is
+repeated until h >= tau or max_iters steps were taken. Image keys can leave out attention
 sinks: image tokens whose layer-input norm exceeds sink_ratio times the median image-token norm of their
 row (measured at prefill, kept while decoding).
 
