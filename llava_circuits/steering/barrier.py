@@ -157,18 +157,19 @@ def closed_form_grad(anatomy: Anatomy, layer: int) -> bool:
     return plain and name.endswith("RMSNorm") and not name.startswith("Gemma") and hasattr(norm, "variance_epsilon")
 
 
-def attention_of(x: Tensor, anatomy: Anatomy, layer: int, keys: Keys) -> Attention:
+def attention_of(x: Tensor, anatomy: Anatomy, layer: int, keys: Keys, closed: bool | None = None) -> Attention:
     """The attention the query at residual x [batch, d_model] pays, as layer `layer` computes it (its own key
     included, made from the same x), and h(x), its mean mass on image keys over heads.
 
     Llama-style norms are written out (LlamaRMSNorm's arithmetic, in float32 or wider) so that the gradient can
     reuse 1 / rms(x); RoPE is one matrix product for queries and the own key. Written for few ops: on small models
-    barrier steering costs what its ops cost to dispatch.
+    barrier steering costs what its ops cost to dispatch. `closed`: `closed_form_grad(anatomy, layer)`, when the
+    caller knows it.
     """
     b, a = x.shape[0], anatomy
     kv, groups, hd = a.n_kv_heads, a.n_heads // a.n_kv_heads, a.head_dim
     norm, r = a.input_norm(layer), None
-    if closed_form_grad(a, layer):
+    if closed_form_grad(a, layer) if closed is None else closed:
         xw = wide(x)
         r = torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         xn = norm.weight * (xw * r).to(x.dtype)
@@ -238,18 +239,6 @@ def barrier_theta(x: Tensor, h_fn: Callable[[Tensor], Tensor], tau: float, alpha
     return closed_form_step(x, h, g, tau, alpha, max_step), h, g
 
 
-@dataclass
-class _StepKeys:
-    """The part of Keys that one forward's layers share."""
-
-    step: Step
-    cos: Tensor
-    sin: Tensor
-    allowed: Tensor
-    image: Tensor
-    cache: dict
-
-
 class Barrier(Intervention):
     """Barrier steering as an Intervention: forward pre-hooks on the chosen decoder layers."""
 
@@ -265,7 +254,7 @@ class Barrier(Intervention):
         self._tracker: Tracker | None = None
         self._anatomy: Anatomy | None = None
         self._sinks: dict[int, Tensor] = {}
-        self._step_keys: _StepKeys | None = None
+        self._step_keys: tuple[Step, Keys] | None = None  # the Keys of this forward's first layer, `other` aside
         self._calls, self._counted = 0, None
 
     # --- attaching --------------------------------------------------------------------------------
@@ -326,20 +315,20 @@ class Barrier(Intervention):
         if not parts:  # a one-token prompt: the query sees only itself
             parts.append(x.new_zeros(b, a.n_kv_heads, 0, a.head_dim))
         other = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # decoding: the cache itself, no copy
-        if self._step_keys is None or self._step_keys.step is not step:  # what every layer of this forward shares
+        if self._step_keys is None or self._step_keys[0] is not step:  # what every layer of this forward shares
             total = step.past_len + length
             if step.seq_ids is None:
                 raise ValueError("barrier steering needs input_ids (to find image tokens), not inputs_embeds")
             image = a.image_mask(step.seq_ids[:, :total])  # [b, T]
             mask = step.attention_mask
             allowed = mask[:, :total].bool() if mask is not None else torch.ones_like(image)
-            self._step_keys = _StepKeys(step, cos[:, -1].expand(b, -1).clone(), sin[:, -1].expand(b, -1).clone(),
-                                        allowed, image, {})
-        shared = self._step_keys
+            self._step_keys = step, Keys(other, cos[:, -1].expand(b, -1).clone(), sin[:, -1].expand(b, -1).clone(),
+                                         allowed, image)
+        first = self._step_keys[1]
         if self.config.sink_ratio is not None:  # sinks differ by layer: so do the image-derived tensors
-            image = shared.image & ~self._sink_mask(layer, x, shared.image, step, shared.image.shape[1])
-            return Keys(other, shared.cos, shared.sin, shared.allowed, image)
-        return Keys(other, shared.cos, shared.sin, shared.allowed, shared.image, shared.cache)
+            image = first.image & ~self._sink_mask(layer, x, first.image, step, first.image.shape[1])
+            return dataclasses.replace(first, other=other, image=image, shared={})
+        return dataclasses.replace(first, other=other)  # `shared` is the same dict: made once per forward
 
     def _sink_mask(self, layer: int, x: Tensor, image: Tensor, step: Step, total: int) -> Tensor:
         """Bool [b, T]: image tokens whose input norm at prefill exceeds sink_ratio x the row's median."""
@@ -356,7 +345,7 @@ class Barrier(Intervention):
         closed = closed_form_grad(a, layer)
         live = keys.image.any(dim=-1)  # rows with image keys
         with torch.no_grad():
-            att = attention_of(x0, a, layer, keys)
+            att = attention_of(x0, a, layer, keys, closed)
         h0 = att.h
         active = live & (h0 < cfg.tau)
         if bool(active.any()) and not closed:  # autograd needs normal tensors: the cache holds inference tensors
@@ -372,7 +361,7 @@ class Barrier(Intervention):
                                             cfg.alpha, cfg.max_step)
             x = x + theta * active[:, None].to(theta.dtype)
             with torch.no_grad():
-                att = attention_of(x, a, layer, keys)
+                att = attention_of(x, a, layer, keys, closed)
             h = att.h
             active, iters = live & (h < cfg.tau), iters + 1
         if self.record:

@@ -35,7 +35,8 @@ def text_batches(loaded, steps: int, batch: int, seq: int, seed: int = 0) -> lis
     return out
 
 
-def fit_ours(loaded, batches: list[dict], layers: list[int], n_features: int, k: int, stop_early: bool = True) -> None:
+def fit_ours(loaded, batches: list[dict], layers: list[int], n_features: int, k: int, stop_early: bool = True,
+             callbacks: tuple = ()) -> None:
     import lightning as L
 
     from llava_circuits.transcoders.module import TranscoderModule
@@ -46,7 +47,7 @@ def fit_ours(loaded, batches: list[dict], layers: list[int], n_features: int, k:
                                          replacement_check=False, log_every=10**9)
     trainer = L.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
                         max_steps=len(batches), logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks))
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
 
@@ -118,6 +119,32 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _step_clock(first: int, last: int):
+    """A Lightning callback whose `seconds` is the wall time from the start of step `first` to the end of
+    step `last` (CUDA synchronised)."""
+    import lightning as L
+
+    class StepClock(L.Callback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        @property
+        def seconds(self) -> float:
+            return self.marks[1] - self.marks[0]
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == first:
+                _sync()
+                self.marks.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == last:
+                _sync()
+                self.marks.append(time.perf_counter())
+
+    return StepClock()
+
+
 def bench_transcoders_scale(model: str | None = None, layer_counts: tuple[int, ...] = (4, 32), n_features: int = 32768,
                             k: int = 64, batch: int = 4, seq: int = 512, steps: int = 6, warmup: int = 2) -> dict:
     """Tokens/s and peak memory of our all-layer trainer on a random-init LLaVA-1.5-7B (bf16 on CUDA, its
@@ -125,11 +152,7 @@ def bench_transcoders_scale(model: str | None = None, layer_counts: tuple[int, .
     layers, TopK transcoders at `n_features`, fp32 with Adam. A count that does not fit reports the error
     and the transcoder state it needed (weights, gradients and Adam's two moments: 16 bytes per parameter).
     """
-    import lightning as L
-
     from llava_circuits.attention.bench import geometry_model
-    from llava_circuits.transcoders.module import TranscoderModule
-    from llava_circuits.transcoders.transcoder import TranscoderConfig
 
     name = model or SCALE_MODEL
     if not name.startswith(SCALE_MODEL):
@@ -142,38 +165,18 @@ def bench_transcoders_scale(model: str | None = None, layer_counts: tuple[int, .
     results = {}
     for n_layers in layer_counts:
         layers = list(range(min(n_layers, loaded.anatomy.n_layers)))
-        state_bytes = len(layers) * (2 * n_features * d + n_features + d) * 16
-        marks: list[float] = []
-
-        class Clock(L.Callback):
-            def on_train_batch_start(self, trainer, module, batch_, batch_idx):
-                if batch_idx == warmup:
-                    _sync()
-                    marks.append(time.perf_counter())
-
-            def on_train_batch_end(self, trainer, module, outputs, batch_, batch_idx):
-                if batch_idx == warmup + steps - 1:
-                    _sync()
-                    marks.append(time.perf_counter())
-
-        cfg = TranscoderConfig(n_features=n_features, activation="topk", k=k, aux_k_coeff=0.0)
-        module = TranscoderModule.for_loaded(loaded, layers=layers, transcoder=cfg, replacement_check=False,
-                                             log_every=10**9)
-        trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Clock()])
+        row = {"layers": len(layers), "transcoder_state_gb": len(layers) * (2 * n_features * d + n_features + d) * 16 / 1e9}
+        clock = _step_clock(warmup, warmup + steps - 1)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        row = {"layers": len(layers), "transcoder_state_gb": state_bytes / 1e9}
         try:
-            trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-            row["tokens_per_second"] = steps * batch * seq / (marks[1] - marks[0])
+            fit_ours(loaded, batches, layers, n_features, k, callbacks=(clock,))
+            row["tokens_per_second"] = steps * batch * seq / clock.seconds
         except torch.OutOfMemoryError as err:
             row["error"] = f"out of memory: {str(err).splitlines()[0]}"
         if cuda:
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        del module, trainer
         results[str(n_layers)] = row
     return {"ratios": {}, "runs": results, "model": loaded.name_or_path, "d_model": d, "n_features": n_features, "k": k,
             "batch": [batch, seq], "steps": steps, "warmup_steps": warmup, "device": _device()}

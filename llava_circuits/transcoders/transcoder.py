@@ -220,7 +220,7 @@ def row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if x.is_cuda or block < 4 or m % block or m // block < 2 * k:
         return x.topk(k, dim=-1, sorted=False)
     stride = m // block
-    blocks = x.view(n, block, stride).amax(1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    blocks = x.reshape(n, block, stride).amax(1).topk(k, dim=-1, sorted=False).indices  # [n, k]
     candidates = (blocks[:, :, None] + torch.arange(0, m, stride, device=x.device)).reshape(n, k * block)
     values, j = x.gather(1, candidates).topk(k, dim=-1, sorted=False)
     return values, candidates.gather(1, j)
