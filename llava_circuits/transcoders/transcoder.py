@@ -375,8 +375,9 @@ class Transcoder(nn.Module):
         """[d_tc] bool: features active on some token."""
         if indices is None:
             return (acts > 0).any(0)
-        out = torch.zeros(self.n_features, dtype=torch.bool, device=acts.device)
-        return out.index_fill_(0, indices[acts > 0], True)
+        live = (acts > 0).reshape(-1).to(torch.uint8)  # a scatter, not a boolean index: no host sync, no nonzero
+        out = torch.zeros(self.n_features, dtype=torch.uint8, device=acts.device)
+        return out.scatter_reduce_(0, indices.reshape(-1), live, "amax").bool()
 
     def penalty(self, acts: Tensor, indices: Tensor | None, xn: Tensor, w: Tensor, w_total: Tensor | None = None) -> Tensor:
         """Sparsity penalty (relu: L1 x decoder norm, jumprelu: L0), summed over tokens with weights w / w_total."""

@@ -234,6 +234,15 @@ def test_training_reduces_fvu_on_a_sparse_problem(activation):
     assert float(terms.fvu) < 0.3 * first, (first, float(terms.fvu))
 
 
+def test_fired_is_the_dense_codes_any_positive_column():
+    t = Transcoder(D, TranscoderConfig(n_features=10, activation="topk", k=3))
+    values = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]])
+    indices = torch.tensor([[4, 7, 1], [7, 9, 4], [2, 3, 5]])  # 7 is zero in both rows; 4 is live in one of two
+    expected = (dense(values, indices, 10) > 0).any(0)
+    assert torch.equal(t.fired(values, indices), expected)
+    assert t.fired(values, indices).nonzero().flatten().tolist() == [1, 4]
+
+
 def test_dead_tracking_and_aux_k():
     xs, ys, w = _data((0,))
     tcs = TranscoderSet(D, TranscoderConfig(n_features=16, activation="topk", k=2, dead_tokens=100), [0])
