@@ -137,6 +137,21 @@ class Tokens:
     neurons: dict[int, Tensor] = field(default_factory=dict)  # layer -> [n, d_mlp] mlp.neurons
 
 
+def clip_grad_norms(groups: list[list[Tensor]], max_norm: float) -> None:
+    """`clip_grad_norm_(group, max_norm)` for every group (a layer's transcoder is clipped on its own), in four
+    foreach calls for all groups together instead of five per group: on small models a step is its op count."""
+    grads = [[p.grad for p in g if p.grad is not None] for g in groups]
+    flat = [g for gs in grads for g in gs]
+    if not flat:
+        return
+    norms = torch.stack(torch._foreach_norm(flat))  # [n_params]
+    group = torch.repeat_interleave(torch.arange(len(groups), device=norms.device),
+                                    torch.tensor([len(gs) for gs in grads], device=norms.device))
+    total = torch.zeros(len(groups), dtype=norms.dtype, device=norms.device).index_add_(0, group, norms.pow(2)).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
+    torch._foreach_mul_(flat, list(coef[group].unbind()))
+
+
 class TranscoderModule(L.LightningModule):
     """Trains per-layer or cross-layer transcoders of a frozen VLM or LM; see the module docstring."""
 
@@ -260,9 +275,11 @@ class TranscoderModule(L.LightningModule):
             finally:
                 if stop is not None:
                     stop.remove()
-        keep = batch["token_weight"].flatten() > 0
-        grab = {k: {l: cap[f"layers.{l}.{k}"].flatten(0, 1)[keep] for l in self.layers} for k in kinds}  # [n, d]
-        w = batch["token_weight"].flatten()[keep].float()
+        w = batch["token_weight"].flatten()
+        keep = None if bool((w > 0).all()) else (w > 0).nonzero().squeeze(1)  # one nonzero for every site
+        rows = (lambda t: t) if keep is None else (lambda t: t.index_select(0, keep))
+        grab = {k: {l: rows(cap[f"layers.{l}.{k}"].flatten(0, 1)) for l in self.layers} for k in kinds}  # [n, d]
+        w = rows(w).float()
         if self.sharded:
             return self._to_owners(grab, w), logits
         return Tokens(*({l: t.float() for l, t in grab[k].items()} for k in ("mlp.in", "mlp.out")), w,
@@ -361,8 +378,7 @@ class TranscoderModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.optim.grad_clip:
-            for l in self.transcoders.layers:
-                torch.nn.utils.clip_grad_norm_(self.transcoders[l].parameters(), self.optim.grad_clip, foreach=True)
+            clip_grad_norms([list(self.transcoders[l].parameters()) for l in self.transcoders.layers], self.optim.grad_clip)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The step, then decoder-norm handling and dead-feature resampling, before any callback (a checkpoint)

@@ -19,7 +19,7 @@ from llava_circuits.models.tiny import save_tiny, tiny_llava, tiny_processor
 from llava_circuits.sites import capture
 from llava_circuits.transcoders.data import TranscoderDataModule
 from llava_circuits.transcoders.io import transcoders_export, transcoders_from_checkpoint
-from llava_circuits.transcoders.module import FVU, TranscoderModule, transcoders_cli
+from llava_circuits.transcoders.module import FVU, TranscoderModule, clip_grad_norms, transcoders_cli
 from llava_circuits.transcoders.replacement import ReplacementModel
 from llava_circuits.transcoders.transcoder import TranscoderConfig
 
@@ -71,6 +71,7 @@ def test_one_forward_captures_every_layer_and_stops_after_the_last(tiny_dir):
     with capture(model, ["layers.0.mlp.in", "layers.0.mlp.out"]) as cap, torch.no_grad():
         model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
     keep = batch["token_weight"].flatten() > 0
+    assert not keep.all()  # BOS and padding are left out
     assert torch.equal(data.xs[0], cap["layers.0.mlp.in"].flatten(0, 1)[keep])
     assert torch.equal(data.ys[0], cap["layers.0.mlp.out"].flatten(0, 1)[keep])
     assert torch.equal(data.w, batch["token_weight"].flatten()[keep])
@@ -218,3 +219,24 @@ def _loaded(model_dir) -> Loaded:
     from llava_circuits.models.load import load_model
 
     return load_model(model_dir, dtype="float32")
+
+
+def test_clip_grad_norms_clips_each_group_as_clip_grad_norm_does():
+    gen = torch.Generator().manual_seed(0)
+    groups = [[torch.nn.Parameter(torch.zeros(shape)) for shape in shapes] for shapes in ([(4, 3), (3,)], [(5,)], [(2, 2), (2,)])]
+    for g, scale in zip(groups, (10.0, 0.01, 3.0)):  # above, below and near the limit
+        for p in g:
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+    groups[2][1].grad = None  # a parameter without a gradient is skipped, as clip_grad_norm_ skips it
+    reference = [[torch.nn.Parameter(p.detach().clone()) for p in g] for g in groups]
+    for g, r in zip(groups, reference):
+        for p, q in zip(g, r):
+            q.grad = None if p.grad is None else p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(r, 1.0)
+    clip_grad_norms(groups, 1.0)
+    for g, r in zip(groups, reference):
+        for p, q in zip(g, r):
+            assert (p.grad is None) == (q.grad is None)
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad)
+    assert torch.stack([p.grad.norm() for p in groups[0]]).norm() == pytest.approx(1.0, rel=1e-5)  # clipped
