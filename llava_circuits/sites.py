@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llava_circuits.models.anatomy import Anatomy
 
@@ -356,36 +357,51 @@ class _Hooks:
             original = module.config
             probe_config = copy.copy(original)
             probe_config._attn_implementation_internal = PROBE_ATTENTION
-            module.config, module._lc_probes = probe_config, []
+            module.config, module._lc_probes, module._lc_config = probe_config, [], original
+        probe = lambda probs: self.apply(site, probs, handler)  # noqa: E731
+        module._lc_probes.append(probe)
 
-            def undo() -> None:
-                module.config = original
-                del module._lc_probes
+        def undo() -> None:  # each block takes out its own probe; the last one out restores the attention
+            module._lc_probes.remove(probe)
+            if not module._lc_probes:
+                module.config = module._lc_config
+                del module._lc_probes, module._lc_config
 
-            self.restore.append(undo)
-        module._lc_probes.append(lambda probs: self.apply(site, probs, handler))
+        self.restore.append(undo)
 
 
 def _probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Eager attention whose probabilities pass through the probes of the module's capture/intervene blocks."""
+    """Eager attention whose probabilities pass through the probes of the module's capture/intervene blocks.
+
+    When no probe changes them (captures, identity edits), the output is the layer's own attention kernel's
+    (sdpa, ...), not the eager one's: a capture of attn.probs leaves the model's outputs bit for bit."""
     groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)  # GQA: each KV head serves `groups` query heads
-    value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, heads, q, k]
-    scores = scores + _additive_mask(attention_mask, query, key)
+    k = key.repeat_interleave(groups, dim=1)  # GQA: each KV head serves `groups` query heads
+    v = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling  # [batch, heads, q, k]
+    scores = scores + _additive_mask(attention_mask, query, k)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    rows = probs.transpose(1, 2)  # [batch, q, heads, k]: positions first, as every site
+    rows, changed = probs.transpose(1, 2), False  # [batch, q, heads, k]: positions first, as every site
     for probe in getattr(module, "_lc_probes", []):
         edited = probe(rows)
-        rows = rows if edited is None else edited
+        if edited is not None and not torch.equal(edited, rows):
+            rows, changed = edited, True
     probs = rows.transpose(1, 2)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    original = getattr(module, "_lc_config", None)
+    kernel = ALL_ATTENTION_FUNCTIONS.get(original._attn_implementation) if original is not None else None
+    if not changed and kernel is not None:
+        out, _ = kernel(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return out, probs
+    out = torch.matmul(probs, v).transpose(1, 2).contiguous()
     return out, probs
 
 
 def _additive_mask(mask: Tensor | None, query: Tensor, key: Tensor) -> Tensor:
     """The mask as eager attention adds it: 0 where allowed, the dtype's min elsewhere (causal when None)."""
     q, k = query.shape[-2], key.shape[-2]
+    if mask is not None and mask.dim() == 2:  # flash attention's [batch, keys] padding mask
+        raise ValueError("attn.probs needs eager or sdpa attention (the model uses a flash kernel's 2-D mask); "
+                         "load the model with attn_implementation='sdpa'")
     if mask is None:
         allowed = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(diagonal=k - q)
     elif mask.dtype == torch.bool:
@@ -401,10 +417,12 @@ AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
 
 def _takes_ctx(fn: Callable) -> bool:
     try:
-        params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return False
-    return len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    # `lambda act, i=i: ...` (the loop idiom) takes no context: only required positional parameters count
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 @contextlib.contextmanager

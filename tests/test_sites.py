@@ -32,10 +32,10 @@ def test_site_names_parse_and_reject():
 def test_capture_leaves_logits_bit_identical(case):
     model, inputs = case
     base = logits(model, inputs)
-    with capture(model, all_sites(Anatomy.of(model), KINDS_NO_PROBS)) as cap:
+    with capture(model, all_sites(Anatomy.of(model), KINDS)) as cap:  # attn.probs too: the kernel's own output
         out = logits(model, inputs)
     assert torch.equal(base, out)
-    assert len(cap.keys()) == Anatomy.of(model).n_layers * len(KINDS_NO_PROBS)
+    assert len(cap.keys()) == Anatomy.of(model).n_layers * len(KINDS)
 
 
 @pytest.mark.parametrize("positions", ["all", "last", "text", [2, 4]])
@@ -43,7 +43,7 @@ def test_identity_edit_bit_identical_and_real_edit_changes(case, positions):
     model, inputs = case
     anatomy = Anatomy.of(model)
     base = logits(model, inputs)
-    with intervene(model, {s: (lambda x: x) for s in all_sites(anatomy, KINDS_NO_PROBS)}, positions=positions):
+    with intervene(model, {s: (lambda x: x) for s in all_sites(anatomy, KINDS)}, positions=positions):
         assert torch.equal(base, logits(model, inputs))
     for kind in KINDS:
         with intervene(model, {f"layers.1.{kind}": lambda x: x * 0.5}, positions=positions):
@@ -57,6 +57,34 @@ def test_probs_identity_edit_equals_probs_capture(llava, llava_inputs):
         assert torch.equal(probed, logits(llava, llava_inputs))
     real = llava_inputs["attention_mask"].bool()  # padded rows are fully masked: sdpa and eager differ there
     torch.testing.assert_close(probed[real], logits(llava, llava_inputs)[real], atol=1e-5, rtol=0)
+
+
+def test_nested_probs_edit_ends_with_its_block(case):
+    model, inputs = case
+    base = logits(model, inputs)
+    uniform = lambda p: torch.full_like(p, 1.0 / p.shape[-1])  # noqa: E731
+    with capture(model, ["layers.1.attn.probs"]):
+        with intervene(model, {"layers.1.attn.probs": uniform}):
+            edited = logits(model, inputs)
+        after = logits(model, inputs)
+        assert not torch.equal(edited, base) and torch.equal(after, base)  # the inner edit left with its block
+    config = Anatomy.of(model).attn(1).config
+    assert config._attn_implementation != "llava_circuits_probe" and not hasattr(Anatomy.of(model).attn(1), "_lc_probes")
+
+
+def test_loop_lambdas_with_defaults_get_no_context(llava, llava_inputs):
+    scales = [1.0, 0.5, 0.25]
+    with intervene(llava, {f"layers.{i}.mlp.out": (lambda act, i=i: act * scales[i]) for i in range(3)}):
+        edited = logits(llava, llava_inputs)
+    assert not torch.equal(edited, logits(llava, llava_inputs))
+
+
+def test_probs_of_a_flash_attention_mask_are_refused():
+    from llava_circuits.sites import _additive_mask
+
+    q, k = torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 5, 8)
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        _additive_mask(torch.ones(2, 5, dtype=torch.long), q, k)
 
 
 def test_no_hook_survives_even_on_error(llava, llava_inputs):

@@ -17,15 +17,25 @@ ALIASES = {"val": "validation", "validation": "val"}
 
 
 def mmlu_files(path: Path, split: str) -> list[Path]:
-    """`path` itself, or the csv/parquet files of `split` below it."""
+    """`path` itself, or the files of `split` in the release's layout: data/<split>/<subject>_<split>.csv (path the
+    data folder, the folder above it, or the split folder), or cais/mmlu's <split>-*.parquet (all/ holds every
+    subject, and the per-subject folders repeat it, so all/ is read when present). auxiliary_train/ is not MMLU."""
     if path.is_file():
         return [path]
     names = (split, ALIASES.get(split, split))
-    files = sorted(p for p in path.rglob("*.csv") if p.stem.rsplit("_", 1)[-1] in names)
-    files = files or sorted(p for p in path.rglob("*.parquet") if p.name.split("-")[0] in names)
-    if not files:
-        raise ValueError(f"{path}: no <subject>_{split}.csv or {split}-*.parquet files")
-    return files
+
+    def csvs(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.glob("*.csv") if p.stem.rsplit("_", 1)[-1] in names)
+
+    folders = [root / name for root in (path, path / "data") for name in names] + [path]
+    for folder in folders:
+        if folder.is_dir() and csvs(folder):
+            return csvs(folder)
+    for folders in ([path / "all"], [path], sorted(p for p in path.iterdir() if p.is_dir() and p.name != "auxiliary_train")):
+        files = sorted(p for folder in folders for p in folder.glob("*.parquet") if p.name.split("-")[0] in names)
+        if files:
+            return files
+    raise ValueError(f"{path}: no <subject>_{split}.csv or {split}-*.parquet files")
 
 
 def csv_records(path: Path) -> list[tuple[str, list[str], int]]:

@@ -95,7 +95,8 @@ def score_amber(samples: list[Sample], responses: Responses) -> dict:
 def score_chair(samples: list[Sample], responses: Responses) -> dict:
     metric = ChairMetric(**LOCAL)
     for s, response in scored(samples, responses):
-        metric.update([response["response"]], [set(s.meta["gt_objects"])])
+        # as chair.py: the objects the reference captions name join the ground truth
+        metric.update([response["response"]], [set(s.meta["gt_objects"])], [s.meta.get("captions", [])])
     return metric.compute()
 
 

@@ -37,6 +37,9 @@ class MMLUMetric(Metric):
 
     def update(self, loglikelihoods: Sequence[Sequence[float]] | Tensor, gold: Sequence[int] | Tensor) -> None:
         """loglikelihoods: [batch, n_choices] (rows may differ in length); gold: gold choice per row."""
+        if len(loglikelihoods) == 0:  # an empty batch (a run's last shard) adds nothing
+            _gold(gold, 0)
+            return
         lls = _padded(loglikelihoods, float("-inf"))
         self.correct += int((lls.argmax(1) == _gold(gold, len(lls))).sum())
         self.total += len(lls)
@@ -69,6 +72,9 @@ class HellaSwagMetric(Metric):
     ) -> None:
         """loglikelihoods: [batch, n_choices] summed over each ending's tokens; gold: gold index per row;
         endings: the ending strings per row, in the same order."""
+        if len(loglikelihoods) == 0:
+            _gold(gold, 0)
+            return
         lls = _padded(loglikelihoods, float("-inf"))
         lengths = _padded([[max(len(e), 1) for e in row] for row in endings], 1.0)
         if lengths.shape != lls.shape:

@@ -40,3 +40,26 @@ def test_malformed_row_names_file_and_line(tmp_path, old, new, message):
     bad = corrupt(DATA / "test" / "abstract_algebra_test.csv", tmp_path, old, new)
     with pytest.raises(ValueError, match=re.escape(f"{bad}:2: {message}")):
         read_mmlu(bad)
+
+
+def test_release_root_reads_the_split_folder_only(tmp_path):
+    import shutil
+    shutil.copytree(DATA, tmp_path / "data")
+    aux = tmp_path / "data" / "auxiliary_train"
+    aux.mkdir()
+    shutil.copy(DATA / "test" / "college_biology_test.csv", aux / "mc_test.csv")  # MCTest's file, not a subject
+    expected = ["abstract_algebra-0", "abstract_algebra-1", "college_biology-0"]
+    assert [s.id for s in read_mmlu(tmp_path / "data")] == expected
+    assert [s.id for s in read_mmlu(tmp_path)] == expected  # the folder above data/
+    assert [s.id for s in read_mmlu(tmp_path / "data" / "test")] == expected  # the split folder itself
+
+
+def test_hub_layout_reads_all_once_not_the_subject_copies(mmlu_parquet, tmp_path):
+    import shutil
+    root = tmp_path / "mmlu"
+    shutil.copytree(mmlu_parquet, root)
+    (root / "abstract_algebra").mkdir()
+    shutil.copy(root / "all" / "test-00000-of-00001.parquet", root / "abstract_algebra" / "test-00000-of-00001.parquet")
+    assert read_mmlu(root) == read_mmlu(DATA / "test" / "abstract_algebra_test.csv")
+    shutil.rmtree(root / "all")  # without all/, the subject folders hold the questions
+    assert read_mmlu(root) == read_mmlu(DATA / "test" / "abstract_algebra_test.csv")

@@ -185,3 +185,13 @@ def test_ddp_two_processes_give_the_metrics_of_one(llama_dir, tmp_path):
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert one == two
     assert sorted(ids_in(tmp_path / "two" / "responses.jsonl")) == sorted(ids_in(tmp_path / "one" / "responses.jsonl"))
+
+
+def test_score_chair_counts_objects_of_the_reference_captions_as_truth():
+    from llava_circuits.data.records import Sample
+    from llava_circuits.evaluation.tasks import score_chair
+
+    sample = Sample(id="1", question="Describe this image.", meta={"gt_objects": ["person"],
+                                                                    "captions": ["A man with a dog in a park."]})
+    scores = score_chair([sample], {"1": {"response": "A man walks his dog."}})
+    assert scores["chair_i"] == 0.0 and scores["chair_s"] == 0.0  # the dog is in a reference caption (chair.py)

@@ -44,6 +44,11 @@ def test_toilet_seat_is_not_a_chair():
     assert m.objects("A seat by the window.") == ["chair"]
     m.update(["The seat of the toilet is up."], [{"toilet"}])
     assert m.compute()["chair_i"] == 0.0
+    assert ChairMetric(vocabulary=COCO_VOCABULARY).objects("The seat of the toilet is up.") == ["toilet"]  # same table
+
+
+def test_verbs_and_food_are_not_people():
+    assert ChairMetric().objects("A woman cooks dinner while a man stirs the cake batter.") == ["person", "person", "cake"]
 
 
 def test_references_join_ground_truth():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from llava_circuits.metrics.loglikelihood import HellaSwagMetric, MMLUMetric
@@ -21,3 +22,15 @@ def test_hellaswag_length_in_characters():
     m = HellaSwagMetric()
     m.update([[-6.0, -8.0]], [1], [["éééé", "abcdefg"]])  # characters: -1.5 vs -1.14; bytes: -0.75 vs -1.14
     assert m.compute()["acc_norm"] == 1.0
+
+
+def test_empty_batches_add_nothing():
+    mmlu, hella = MMLUMetric(), HellaSwagMetric()
+    mmlu.update([], [])
+    hella.update([], [], [])
+    mmlu.update([[0.1, 0.5]], [1])
+    hella.update([[0.0, -1.0]], [1], [["a", "b"]])
+    assert mmlu.compute() == {"accuracy": 1.0}
+    assert hella.compute() == {"acc": 0.0, "acc_norm": 0.0}
+    with pytest.raises(ValueError, match="got 1 gold indices for 0 rows"):
+        mmlu.update([], [0])
