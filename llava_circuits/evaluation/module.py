@@ -1,6 +1,7 @@
 """EvalModule: a LightningModule that answers benchmark samples by greedy generation or scores continuations."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -106,12 +107,26 @@ class EvalModule(L.LightningModule):
         return DataLoader(shard, batch_size=self.batch_size, collate_fn=collate, shuffle=False)
 
     def on_predict_start(self) -> None:
-        for intervention in self.interventions:
-            intervention.attach(self.loaded)
+        stack = contextlib.ExitStack()
+        try:
+            for intervention in self.interventions:
+                stack.enter_context(intervention.applied(self.loaded))
+        except BaseException:  # a failed attach takes the ones before it off again
+            stack.close()
+            raise
+        self._attached = stack
 
     def on_predict_end(self) -> None:
-        for intervention in reversed(self.interventions):
-            intervention.detach()
+        self.detach_interventions()
+
+    def detach_interventions(self) -> None:
+        """Take the interventions off the model (after the run, or when it failed half way)."""
+        stack, self._attached = getattr(self, "_attached", None), None
+        if stack is not None:
+            stack.close()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [_DetachOnException()]
 
     @torch.no_grad()
     def predict_step(self, batch, batch_idx: int) -> None:
@@ -174,3 +189,10 @@ class EvalModule(L.LightningModule):
             targets = ids[row, start : start + len(cont)]
             scores.append(logprobs[row, start - 1 : start - 1 + len(cont)].gather(-1, targets[:, None]).sum().item())
         return {"id": sample.id, "logliks": scores, "n_tokens": [len(c) for c in conts]}
+
+
+class _DetachOnException(L.Callback):
+    """Lightning skips on_predict_end when a step raises: the interventions come off here instead."""
+
+    def on_exception(self, trainer, module, exception) -> None:
+        module.detach_interventions()

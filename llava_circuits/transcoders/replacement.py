@@ -4,10 +4,10 @@ While attached, every replaced layer's `mlp.out` becomes the transcoder's predic
 `mlp.in` (for a cross-layer transcoder: the sum of what the features of this and earlier layers write
 here). With `error_term=True` the MLP's own output is kept and only the effect of feature edits is
 added, `mlp.out + decode(edited) - decode(original)`, so an unedited forward equals the original's
-exactly (circuit-tracer's error nodes). Feature activations of every forward (prefill, then each decode
-step of `generate`) are recorded per layer as [batch, pos, d_tc].
+exactly (circuit-tracer's error nodes). With `record=True` the feature activations of every forward of an
+attachment (prefill, then each decode step of `generate`) are recorded per layer as [batch, pos, d_tc].
 
-    rm = ReplacementModel.load("runs/toy/transcoders", loaded)
+    rm = ReplacementModel.load("runs/toy/transcoders", loaded, record=True)
     rm.edit(2, FeatureEdit(feature=17, scale=0.0))          # silence feature 17 of layer 2
     with rm.applied(loaded):
         out = loaded.model.generate(**inputs, max_new_tokens=8)
@@ -78,7 +78,7 @@ class ReplacementModel(Intervention):
             transcoders: the transcoder set (per-layer or cross-layer).
             error_term: keep each MLP's own output and add only the effect of edits (outputs equal the original's).
             layers: layers to replace (per-layer sets only; default: every layer of the set).
-            record: keep the feature activations of every forward (see `activations`).
+            record: keep the dense feature activations of the latest attachment's forwards (see `activations`).
             config: how the transcoders were made (written by `save`).
             fingerprint: the model they were made for (written by `save`).
         """
@@ -109,7 +109,8 @@ class ReplacementModel(Intervention):
         self.edits.clear()
 
     def activations(self) -> dict[int, Tensor]:
-        """Recorded activations {layer: [batch, positions, d_tc]}, forwards concatenated along positions."""
+        """Recorded activations {layer: [batch, positions, d_tc]} of the latest attachment (one forward, or the
+        forwards of one generate concatenated along positions)."""
         return {l: torch.cat(chunks, dim=1) for l, chunks in self.recorded.items()}
 
     def clear(self) -> None:
@@ -120,6 +121,7 @@ class ReplacementModel(Intervention):
     def attach(self, loaded: Loaded) -> None:
         if self._stack is not None:
             raise RuntimeError("ReplacementModel is already attached")
+        self.recorded.clear()  # an attachment records its own forwards: nothing piles up across runs
         device = next(loaded.model.parameters()).device
         self.transcoders.to(device)
         sites: dict[str, Callable] = {}
@@ -151,11 +153,14 @@ class ReplacementModel(Intervention):
         return save_transcoders(self.transcoders, path, self.fingerprint, self.config).path
 
     @classmethod
-    def load(cls, path: str | Path, loaded: Loaded, error_term: bool = False) -> "ReplacementModel":
+    def load(cls, path: str | Path, loaded: Loaded, error_term: bool = False, record: bool = False) -> "ReplacementModel":
+        """The artifact at `path` for `loaded`. Not recording by default: as an `eval --intervention` it would
+        otherwise hold [batch, positions, d_tc] per layer of every batch."""
         from llava_circuits.transcoders.io import load_transcoders, read_config
 
         transcoders = load_transcoders(path, loaded.fingerprint())
-        return cls(transcoders, error_term=error_term, config=read_config(path), fingerprint=loaded.fingerprint())
+        return cls(transcoders, error_term=error_term, record=record, config=read_config(path),
+                   fingerprint=loaded.fingerprint())
 
     # --- convenience ----------------------------------------------------------------------------
     def forward(self, loaded: Loaded, **inputs):

@@ -172,6 +172,36 @@ def test_interventions_apply_during_eval_and_detach_after(llava_dir, tmp_path):
     assert ids_and_answers(tmp_path / "again") == base_answers and again == base
 
 
+class Interrupted(BaseException):
+    """What the per-sample error handling lets through (as it lets a Ctrl-C through)."""
+
+
+class FailsToAttach(AddToResidual):
+    def attach(self, loaded):
+        raise RuntimeError("cannot attach")
+
+
+class InterruptsTheForward(AddToResidual):
+    def attach(self, loaded):
+        def stop(x):
+            raise Interrupted("stopped")
+
+        self.block = intervene(loaded.model, {"layers.0.resid_post": stop})
+        self.block.__enter__()
+
+
+@pytest.mark.parametrize("bad, error", [(FailsToAttach(0.0), RuntimeError), (InterruptsTheForward(0.0), Interrupted)])
+def test_a_failed_eval_leaves_no_intervention_on_the_model(llava_dir, tmp_path, bad, error):
+    data, images = pope_file(tmp_path, 4), tmp_path / "images"
+    loaded = load_model(llava_dir, dtype="float32")
+    evaluate_loaded(loaded, "pope", data, tmp_path / "base", images, progress=False, max_new_tokens=4)  # transformers' own hooks
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in loaded.model.modules())
+    with pytest.raises(error):
+        evaluate_loaded(loaded, "pope", data, tmp_path / "run", images, [AddToResidual(50.0), bad], progress=False,
+                        max_new_tokens=4)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in loaded.model.modules()) == hooks
+
+
 def ids_and_answers(out: Path) -> dict:
     return {r["id"]: r["response"] for r in map(json.loads, (out / "responses.jsonl").read_text().splitlines())}
 

@@ -137,3 +137,17 @@ def test_hooks_are_removed_on_detach(loaded, llava_inputs):
     assert count() == before
     with pytest.raises(ValueError, match="no transcoder"):
         ReplacementModel(tcs, layers=[7])
+
+
+def test_loaded_artifact_records_nothing_and_attachments_start_afresh(loaded, llava_inputs, tmp_path):
+    tcs, _, _ = _transcoders(loaded, llava_inputs, activation="relu")
+    path = ReplacementModel(tcs, fingerprint=loaded.fingerprint()).save(tmp_path / "tc")
+    with torch.no_grad():
+        quiet = ReplacementModel.load(path, loaded)
+        quiet.forward(loaded, **llava_inputs)
+        assert quiet.activations() == {}  # as an eval intervention it holds no [batch, pos, d_tc] per batch
+        rm = ReplacementModel.load(path, loaded, record=True)
+        rm.forward(loaded, **llava_inputs)
+        first = rm.activations()[0]
+        rm.forward(loaded, **llava_inputs)
+    assert torch.equal(rm.activations()[0], first)  # the second attachment's own, not both concatenated
