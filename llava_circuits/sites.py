@@ -210,6 +210,7 @@ class Chunk:
     batch: Tensor | None  # [n]; None when dense
     pos: Tensor  # [n]
     dense_shape: tuple[int, int] | None = None  # (batch, pos) when values are dense
+    rows: int | None = None  # batch rows of the forward (a row may have selected nothing)
 
 
 class Capture:
@@ -249,19 +250,24 @@ class Capture:
     def _dense(chunk: Chunk, site: str) -> Tensor:
         if chunk.dense_shape is not None:
             return chunk.values
-        batch = int(chunk.batch.max()) + 1 if chunk.batch.numel() else 0
+        batch = Capture._rows(chunk)
         counts = torch.bincount(chunk.batch, minlength=batch)
         if batch and not bool((counts == counts[0]).all()):
             raise ValueError(f"{site!r}: rows selected different numbers of positions; read capture.chunks(site)")
         return chunk.values.reshape(batch, -1, *chunk.values.shape[1:])
 
     @staticmethod
+    def _rows(chunk: Chunk) -> int:
+        if chunk.rows is not None:
+            return chunk.rows
+        return int(chunk.batch.max()) + 1 if chunk.batch.numel() else 0
+
+    @staticmethod
     def _dense_pos(chunk: Chunk) -> Tensor:
         if chunk.dense_shape is not None:
             b, s = chunk.dense_shape
             return chunk.pos.expand(b, s)
-        batch = int(chunk.batch.max()) + 1 if chunk.batch.numel() else 0
-        return chunk.pos.reshape(batch, -1)
+        return chunk.pos.reshape(Capture._rows(chunk), -1)
 
 
 class _Hooks:
@@ -477,7 +483,7 @@ def _chunk(values: Tensor, ctx: HookContext) -> Chunk:
         b, s = ctx.shape
         pos = torch.arange(s, device=values.device) + ctx.past_len
         return Chunk(values.reshape(b, s, *values.shape[1:]), None, pos, dense_shape=(b, s))
-    return Chunk(values, ctx.batch, ctx.pos)
+    return Chunk(values, ctx.batch, ctx.pos, rows=ctx.shape[0])
 
 
 @contextlib.contextmanager

@@ -87,6 +87,19 @@ def test_probs_of_a_flash_attention_mask_are_refused():
         _additive_mask(torch.ones(2, 5, dtype=torch.long), q, k)
 
 
+def test_a_row_that_selected_nothing_is_not_dropped(llava, llava_inputs):
+    def first_row_only(step):
+        mask = torch.zeros(step.input_ids.shape, dtype=torch.bool)
+        mask[0, -3:] = True
+        return mask
+
+    with capture(llava, ["layers.0.mlp.out"], positions=first_row_only) as cap:
+        logits(llava, llava_inputs)
+    assert cap.chunks("layers.0.mlp.out")[0].rows == llava_inputs["input_ids"].shape[0]
+    with pytest.raises(ValueError, match="rows selected different numbers of positions"):
+        cap["layers.0.mlp.out"]  # not a [1, 3, d] tensor that silently stands for the whole batch
+
+
 def test_no_hook_survives_even_on_error(llava, llava_inputs):
     before = n_hooks(llava)
     config = Anatomy.of(llava).attn(1).config

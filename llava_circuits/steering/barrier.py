@@ -287,9 +287,14 @@ class Barrier(Intervention):
         step = self._tracker.step
         if step is not None and step.phase == "prefill" and step is not self._counted:
             self._calls, self._counted = self._calls + 1, step  # a new prompt batch: numbers the records
-        if step is None or step.phase not in self.config.phases:
+        if step is None:
             return None
         x = args[0] if args else kwargs["hidden_states"]  # [b, L, d]
+        if step.phase not in self.config.phases:
+            if step.phase == "prefill" and self.config.sink_ratio is not None:  # sinks are the prompt's: note them
+                total = step.past_len + step.length
+                self._sink_mask(layer, x, self._anatomy.image_mask(step.seq_ids[:, :total]), step, total)
+            return None
         with torch.inference_mode(False):
             keys = self._keys(layer, x, kwargs, step)
             last = self._steer(layer, x[:, -1].clone(), keys, step)

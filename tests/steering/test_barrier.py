@@ -184,6 +184,17 @@ def test_sinks_leave_out_image_tokens_with_outsized_norms(sharp, llava_inputs):
         assert r["h_before"] == pytest.approx(float(probs[:, kept].sum(-1).mean()), abs=1e-5)
 
 
+def test_sinks_found_at_prefill_also_when_only_decoding_is_steered(sharp, llava_inputs):
+    h = {}
+    for ratio in (None, 1.0):
+        barrier = Barrier(BarrierConfig(tau=1e-6, layers=[1], phases=["decode"], sink_ratio=ratio), record=True)
+        with torch.no_grad(), barrier.applied(sharp):
+            sharp.model.generate(**llava_inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        h[ratio] = [r["h_before"] for r in barrier.records]
+        assert barrier.records and {r["phase"] for r in barrier.records} == {"decode"}
+    assert all(with_sinks < without for with_sinks, without in zip(h[1.0], h[None]))  # half the image keys left out
+
+
 def test_logit_effects_measure_the_answer_margin(sharp, llava_inputs):
     idle = logit_effects(sharp, Barrier(BarrierConfig(tau=1e-6, layers=[0, 2])), llava_inputs, answers=("yes", "no"))
     assert idle["margin_before"] == idle["margin_after"] and len(idle["margin_before"]) == 3
