@@ -75,6 +75,14 @@ def test_steering_only_generated_tokens_leaves_the_prompt_alone(tiny, tiny_trans
     steering = FeatureSteering.build(tiny_transcoders, FEATURES, SteerConfig(op="clamp", value=5.0, where="all",
                                                                              tags=["generated"]))
     torch.testing.assert_close(logits(tiny, llava_inputs, steering), logits(tiny, llava_inputs))  # prefill only
+    kwargs = dict(**llava_inputs, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = tiny.model.generate(**kwargs).scores
+        with steering.applied(tiny):
+            steered = tiny.model.generate(**kwargs).scores
+    torch.testing.assert_close(steered[0], plain[0])  # the first token comes from the prompt's last position
+    assert any(not torch.allclose(a, b) for a, b in zip(steered[1:], plain[1:]))  # generated tokens are steered
 
 
 def test_saved_steering_loads_as_an_intervention_and_eval_runs_it(tiny, tiny_transcoders, llava_inputs, pope_dir,
