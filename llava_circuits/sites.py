@@ -5,7 +5,7 @@ Site names (resolved through Anatomy):
     layers.{i}.resid_post   output of decoder layer i                         [batch, pos, d_model]
     layers.{i}.attn.heads   input of o_proj, one slice per head               [batch, pos, n_heads, head_dim]
     layers.{i}.attn.out     output of o_proj                                  [batch, pos, d_model]
-    layers.{i}.attn.probs   attention probabilities (eager, this layer only)  [batch, pos, n_heads, keys]
+    layers.{i}.attn.probs   attention probabilities (computed eagerly, this layer only)  [batch, pos, n_heads, keys]
     layers.{i}.mlp.in       input of the MLP (after post_attention_layernorm) [batch, pos, d_model]
     layers.{i}.mlp.out      output of the MLP                                 [batch, pos, d_model]
     layers.{i}.mlp.neurons  input of down_proj                                [batch, pos, d_mlp]
