@@ -82,12 +82,13 @@ class Recorder:
     def __init__(self, tagger: PositionTagger, layers: list[int], tags: list[str]):
         self.tagger, self.layers = tagger, sorted(layers)
         self.keep_tags = torch.tensor([TAGS.index(t) for t in tags], dtype=torch.uint8)
+        self.done: dict[str, SampleActs] = {}
         self.start()
 
     def start(self) -> None:
-        """Forget what was recorded (call before each generate)."""
+        """Forget a generate's partial recording (call before each generate). Samples already finished stay until
+        `take`: after a failed batch, EvalModule answers its samples one by one, each its own generate."""
         self.parts: dict[str, list[Tensor]] = defaultdict(list)  # name -> [k, ...] chunks
-        self.done: dict[str, SampleActs] = {}
 
     def edit(self, layer: int):
         def record(acts: Tensor, ctx: HookContext) -> Tensor:  # acts [n, d_tc], n = batch x pos of this forward
@@ -159,7 +160,7 @@ class CaptureModule(EvalModule):
         self.recorder = recorder
 
     def generate(self, items):
-        self.recorder.start()  # a failed batch attempt leaves nothing behind
+        self.recorder.start()  # a failed attempt leaves no partial recording (finished samples stay)
         records = super().generate(items)
         self.recorder.finish([s.id for s, _ in items])
         return records

@@ -171,3 +171,22 @@ def test_two_processes_shard_the_capture_and_store_each_sample_once(tiny_dir, tr
     for acts in iter_samples(two):
         for layer in (0, 2):
             torch.testing.assert_close(acts.dense(layer, 32), one[acts.id].dense(layer, 32), atol=2e-4, rtol=1e-3)
+
+
+def test_one_bad_sample_costs_only_itself(tiny, tiny_transcoders, pope_dir, tmp_path, monkeypatch):
+    from llava_circuits.evaluation.module import EvalModule, ResponseLog
+
+    answer = EvalModule.generate
+
+    def generate(self, items):  # the batch holding sample "1" fails, then "1" fails alone
+        if any(s.id == "1" for s, _ in items):
+            raise ValueError("bad sample 1")
+        return answer(self, items)
+
+    monkeypatch.setattr(EvalModule, "generate", generate)
+    run_capture(tiny, tiny_transcoders, pope_dir, tmp_path / "run")
+    ids = {s.id for s in read_benchmark("pope", pope_dir / "coco_pope_random.json", pope_dir / "images")}
+    log = ResponseLog(tmp_path / "run")
+    assert set(log.read("errors")) == {"1"}
+    assert set(captured_ids(tmp_path / "run")) == ids - {"1"}
+    assert set(log.read("responses")) == ids - {"1"}
