@@ -8,7 +8,7 @@ with frozen extras attached (e.g. soft-pruning gates) trains around them.
 
     module = FinetuneModule(model, FinetuneConfig(lr=3e-4, warmup_steps=100))
     trainer = L.Trainer(max_steps=2000, callbacks=[FinalCheckpoint(dirpath=..., save_last=True)])
-    trainer.fit(module, loader)                    # later: trainer.fit(module, loader, ckpt_path="last")
+    trainer.fit(module, loader)                    # later: trainer.fit(module, loader, ckpt_path="last", weights_only=True)
 """
 from __future__ import annotations
 

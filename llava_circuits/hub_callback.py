@@ -30,7 +30,10 @@ class HubPush(L.Callback):
     batch of the step it is pushed for (Lightning 2.6 resumes from one saved at epoch or fit end with one
     batch too many), so a run resumed from the final push goes on exactly as an uninterrupted run would;
     one resumed from a mid-epoch push does too if its dataloader is resumable (Lightning warns otherwise).
-    Uploads run in a background thread while training goes on; the end of `fit` waits for them.
+    Uploads run in a background thread while training goes on; the end of `fit` waits for them. A failed
+    upload keeps its staged copy (DEFAULT_ROOT_DIR/hub_push/step-N, pushable by hand with `llava-circuits hub
+    push`): during training it is logged and training goes on (the next push carries a newer state); the
+    final one raises when `fit` ends.
     """
 
     def __init__(
@@ -72,13 +75,10 @@ class HubPush(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._pushed_step:  # stopped before the planned last step
             self._push(trainer, pl_module)
-        self._wait()
+        self._wait(final=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        try:
-            self._wait()  # let the last good checkpoint finish uploading
-        except Exception as e:  # the training error is the one to report
-            log.error("HubPush: upload to %s failed too: %s", self.repo_id, e)
+        self._wait()  # let the last good checkpoint finish uploading; the training error is the one to report
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._executor is not None:
@@ -101,20 +101,26 @@ class HubPush(L.Callback):
             message = f"HubPush: {type(pl_module).__name__} at step {step}"
             self._executor = self._executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
             self._upload = self._executor.submit(_push_and_clean, stage, self.repo_id, self.private, message)
+            self._upload.stage = stage
 
-    def _wait(self) -> None:
+    def _wait(self, final: bool = False) -> None:
         upload, self._upload = self._upload, None
-        if upload is not None:
-            upload.result()  # re-raises an upload error here, in the training thread
+        if upload is None:
+            return
+        try:
+            upload.result()  # an upload error surfaces here, in the training thread
+        except Exception as e:
+            stage = getattr(upload, "stage", "its staged folder")
+            if final:
+                raise RuntimeError(f"HubPush: the final upload to {self.repo_id} failed ({e}); it is kept in {stage}") from e
+            log.warning("HubPush: upload to %s failed (%s); kept in %s, training goes on", self.repo_id, e, stage)
 
 
 def _push_and_clean(stage: Path, repo_id: str, private: bool, message: str) -> None:
-    try:
-        push(stage, repo_id, private=private, commit_message=message)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            stage.parent.rmdir()  # only if no other push is staged there
+    push(stage, repo_id, private=private, commit_message=message)  # on failure the stage stays, to push by hand
+    shutil.rmtree(stage, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        stage.parent.rmdir()  # only if no other push is staged there
 
 
 def _is_final_step(trainer: L.Trainer) -> bool:

@@ -284,3 +284,34 @@ def test_cli_push_and_pull_round_trip_the_toy_model_layout(tmp_path, hub_repo, h
     for f in model_dir.iterdir():
         assert (tmp_path / "pulled" / f.name).read_bytes() == f.read_bytes()
     assert load_model(tmp_path / "pulled").anatomy.dims() == load_model(model_dir).anatomy.dims()
+
+
+def test_a_failed_upload_during_training_is_logged_and_kept_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    import llava_circuits.hub_callback as hub_callback
+
+    pushed = []
+
+    def flaky_push(stage, repo_id, private=False, commit_message=""):
+        if commit_message.endswith("step 2"):
+            raise ConnectionError("503 from the hub")
+        pushed.append(commit_message)
+
+    monkeypatch.setattr(hub_callback, "push", flaky_push)
+    _, trainer = fit(tmp_path / "run", max_steps=4, callbacks=[HubPush("user/run", every_n_steps=1)])
+    assert trainer.global_step == 4
+    assert pushed == [f"HubPush: Regression at step {s}" for s in (1, 3, 4)]
+    assert (tmp_path / "run" / "hub_push" / "step-2" / "last.ckpt").is_file()  # kept, to push by hand
+    assert not (tmp_path / "run" / "hub_push" / "step-3").exists()
+    assert "503 from the hub" in caplog.text and "step-2" in caplog.text
+
+
+def test_a_failed_final_upload_raises_and_names_the_kept_copy(tmp_path, monkeypatch):
+    import llava_circuits.hub_callback as hub_callback
+
+    def down(stage, repo_id, private=False, commit_message=""):
+        raise ConnectionError("hub down")
+
+    monkeypatch.setattr(hub_callback, "push", down)
+    with pytest.raises(RuntimeError, match=r"final upload to user/run failed \(hub down\); it is kept in .*step-2"):
+        fit(tmp_path / "run", max_steps=2, callbacks=[HubPush("user/run")])
+    assert (tmp_path / "run" / "hub_push" / "step-2" / "last.ckpt").is_file()

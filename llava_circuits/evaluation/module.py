@@ -52,11 +52,13 @@ class ResponseLog:
         """Records by id; a line cut short by a kill is ignored (that sample is redone)."""
         records: dict[str, dict] = {}
         if self.path(name).exists():
-            for line in self.path(name).read_text().splitlines():
+            for number, line in enumerate(self.path(name).read_text().splitlines(), 1):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if not isinstance(record, dict) or "id" not in record:
+                    raise ValueError(f"{self.path(name)}:{number}: not a record with an 'id': {line[:80]!r}")
                 records.setdefault(str(record["id"]), record)
         return records
 

@@ -94,6 +94,11 @@ def write_shard(run: str | Path, rank: int, samples: list[SampleActs], records: 
             "responses": json.dumps(records, ensure_ascii=False), "info": json.dumps(info or {})}
     tmp = folder / f".{target.name}.tmp-{os.getpid()}"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # on disk before the name says it is done: resume trusts every named shard
+    finally:
+        os.close(fd)
     tmp.replace(target)
     return target
 

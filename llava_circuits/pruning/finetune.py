@@ -156,7 +156,7 @@ def restore(loaded: Loaded, pruning: SoftPruning, config: RestoreConfig, out: st
         module = FinetuneModule(loaded.model, config.optim)
         loaded.model.train()
         trainer.fit(module, datamodule=RestoreData(loaded, examples, config),
-                    ckpt_path=resume_from)
+                    ckpt_path=resume_from, weights_only=True)
         loss = trainer.callback_metrics.get("train/loss")
     finally:
         loaded.model.to(device).eval()  # Lightning's teardown moves the module to the CPU

@@ -263,7 +263,7 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
         model.model.vision_tower.requires_grad_(False)
     module = FinetuneModule(model, cfg.finetune)
     data = ToyDataModule(processor, cfg.data, cfg.batch_size, cfg.max_steps)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     steps = trainer.global_step
     if cfg.stage2.steps > 0:
         steps += fit_stage2(module.model, processor, cfg, out_dir / "lightning" / "stage2", ckpt_path)
@@ -278,7 +278,7 @@ def fit_stage2(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str
     resume = ckpt_path if ckpt_path and (root / "checkpoints" / "last.ckpt").exists() else None
     trainer = make_trainer(root, cfg.stage2.steps, cfg.ckpt_every)
     data = ToyDataModule(processor, cfg.stage2.data_config(cfg.data), cfg.batch_size, cfg.stage2.steps)
-    trainer.fit(FinetuneModule(model, cfg.stage2.finetune), datamodule=data, ckpt_path=resume)
+    trainer.fit(FinetuneModule(model, cfg.stage2.finetune), datamodule=data, ckpt_path=resume, weights_only=True)
     return trainer.global_step
 
 

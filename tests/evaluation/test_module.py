@@ -23,3 +23,14 @@ def test_opening_a_whole_log_changes_nothing(tmp_path):
     before = log.path("errors").read_bytes()
     ResponseLog(tmp_path)
     assert log.path("errors").read_bytes() == before and not log.path("responses").exists()
+
+
+def test_a_line_that_is_json_but_not_a_record_names_file_and_line(tmp_path):
+    import pytest
+
+    log = ResponseLog(tmp_path)
+    log.append("responses", {"id": "1", "response": "yes"})
+    with open(log.path("responses"), "a") as f:
+        f.write('{"response": "no"}\n')
+    with pytest.raises(ValueError, match=r"responses\.jsonl:2: not a record with an 'id'"):
+        log.read("responses")
