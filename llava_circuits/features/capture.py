@@ -14,6 +14,7 @@ it stopped, losing and repeating nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections import defaultdict
@@ -190,6 +191,23 @@ def launcher_rank() -> int:
     return int(os.environ.get("NODE_RANK", "0")) * 1000 + int(os.environ.get("LOCAL_RANK", "0"))
 
 
+RESUME_FREE = ("samples", "batch_size")
+"""capture.json entries a resumed run may change: how many samples (--limit) and how they are batched."""
+
+
+def same_run(path: Path, settings: dict) -> None:
+    """Refuse to resume into `path`'s folder with settings that would mix its shards with other ones."""
+    if not path.is_file():
+        return
+    stored = json.loads(path.read_text())
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "config"}, **d.get("config", {})}  # noqa: E731
+    old, new = flat(stored), flat(json.loads(json.dumps(settings)))
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUME_FREE and old.get(key) != new.get(key):
+            raise ValueError(f"{path}: this run's {key} {new.get(key)!r} differs from the stored {old.get(key)!r}; "
+                             "capture into a new folder (or delete this one) to change it")
+
+
 def capture_loaded(loaded: Loaded, replacement: ReplacementModel, bench: str, data: str | Path, out: str | Path,
                    images: str | Path | None = None, cfg: CaptureConfig | None = None, limit: int | None = None,
                    devices: int = 1, progress: bool = False, record: dict | None = None) -> dict | None:
@@ -203,10 +221,11 @@ def capture_loaded(loaded: Loaded, replacement: ReplacementModel, bench: str, da
     first = launcher_rank() == 0  # DDP re-runs this in every process: only the first repairs and records
     restored = repair(out, ResponseLog(out)) if first else 0  # straight to the file, not the batch buffer
     if first:
-        write_json(out / "capture.json", {"bench": task.name, "data": str(data), "images": str(images) if images else None,
-                                          "model": loaded.name_or_path, "layers": layers,
-                                          "n_features": replacement.transcoders.cfg.n_features,
-                                          "config": dataclasses.asdict(cfg), "samples": len(samples), **(record or {})})
+        settings = {"bench": task.name, "data": str(data), "images": str(images) if images else None,
+                    "model": loaded.name_or_path, "layers": layers, "n_features": replacement.transcoders.cfg.n_features,
+                    "config": dataclasses.asdict(cfg), "samples": len(samples), **(record or {})}
+        same_run(out / "capture.json", settings)
+        write_json(out / "capture.json", settings)
     recorder = Recorder(PositionTagger(loaded), layers, cfg.tags)
     for layer in layers:
         replacement.edit(layer, recorder.edit(layer))

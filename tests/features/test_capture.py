@@ -190,3 +190,18 @@ def test_one_bad_sample_costs_only_itself(tiny, tiny_transcoders, pope_dir, tmp_
     assert set(log.read("errors")) == {"1"}
     assert set(captured_ids(tmp_path / "run")) == ids - {"1"}
     assert set(log.read("responses")) == ids - {"1"}
+
+
+def test_resuming_with_other_settings_is_refused_before_anything_mixes(tiny, tiny_transcoders, pope_dir, tmp_path):
+    cfg = CaptureConfig(batch_size=3, max_new_tokens=4)
+    data = pope_dir / "coco_pope_random.json"
+    capture_loaded(tiny, ReplacementModel(tiny_transcoders), "pope", data, tmp_path / "run", pope_dir / "images", cfg, limit=3)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    other = CaptureConfig(batch_size=3, max_new_tokens=4, tags=["prompt"])
+    with pytest.raises(ValueError, match=r"capture\.json: this run's tags \['prompt'\] differs from the stored"):
+        capture_loaded(tiny, ReplacementModel(tiny_transcoders), "pope", data, tmp_path / "run", pope_dir / "images", other)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    capture_loaded(tiny, ReplacementModel(tiny_transcoders), "pope", data, tmp_path / "run", pope_dir / "images",
+                   CaptureConfig(batch_size=2, max_new_tokens=4))  # more samples, other batches: a resume
+    ids = {s.id for s in read_benchmark("pope", data, pope_dir / "images")}
+    assert set(captured_ids(tmp_path / "run")) == ids
