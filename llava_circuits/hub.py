@@ -54,7 +54,9 @@ def push(
     if not files:
         raise ValueError(f"{root}: nothing to push (no files)")
     for path in files:
-        if path.suffix != ".safetensors":
+        if path.suffix == ".safetensors":
+            _refuse_token_in_header(path)  # tensors are numbers; the JSON header can hold any metadata
+        else:
             _refuse_token_in_file(path)
 
     api = HfApi(library_name="llava-circuits", library_version=package_version())
@@ -119,6 +121,13 @@ def _refuse_token_in_file(path: Path, chunk_size: int = 1 << 24) -> None:
         while chunk := f.read(chunk_size):
             refuse_token(tail + chunk, str(path))
             tail = (tail + chunk)[-keep:] if keep else b""
+
+
+def _refuse_token_in_header(path: Path) -> None:
+    """The safetensors header (8-byte little-endian length, then JSON, metadata included) must not hold the token."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        refuse_token(f.read(min(size, 1 << 28)), str(path))
 
 
 def _files_to_push(root: Path) -> list[Path]:

@@ -178,6 +178,12 @@ def test_push_validates_an_artifact_and_refuses_files_holding_the_token(tmp_path
     with pytest.raises(ValueError, match="contains your Hugging Face token") as e:
         push(model, hub_repo)
     assert hf_token not in str(e.value)
+    from safetensors.torch import save_file
+
+    shard = make_model_dir(tmp_path / "shards")
+    save_file({"x": torch.zeros(2)}, str(shard / "shard-00000.safetensors"), metadata={"info": f"token {hf_token}"})
+    with pytest.raises(ValueError, match="shard-00000.safetensors contains your Hugging Face token"):
+        push(shard, hub_repo)
     with pytest.raises(NotADirectoryError):
         push(tmp_path / "missing", hub_repo)
 

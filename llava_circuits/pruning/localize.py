@@ -200,7 +200,8 @@ def correlate(acts: dict[str, Tensor], ci: Tensor, categories: list[str], config
             x = acts[a][rows]  # [n, n_layers, n_heads]
             rr = pearson(x, ci[rows])
             lo, hi = fisher_interval(rr, n, config.level)
-            constant = (x == x[:1]).all(0)  # nothing to correlate: r = 0 by convention, no interval
+            # nothing to correlate (a constant activation, or a constant CI): r = 0 by convention, no interval
+            constant = (x == x[:1]).all(0) | bool((ci[rows] == ci[rows][0]).all())
             per_act.append((rr, lo.masked_fill(constant, math.nan), hi.masked_fill(constant, math.nan)))
         r.append(torch.stack([p[0] for p in per_act]))
         low.append(torch.stack([p[1] for p in per_act]))

@@ -107,6 +107,16 @@ def localized(tiny_llama_dir, samples):
     return localize(loaded, samples, InfluenceConfig(conditions=["ambig", "disambig"]), LocalizeConfig(batch_size=3))
 
 
+def test_a_category_with_constant_influence_has_r_zero_and_no_interval():
+    acts = torch.randn(12, 2, 3, generator=torch.Generator().manual_seed(0))
+    ci = torch.cat([torch.zeros(6), torch.rand(6, generator=torch.Generator().manual_seed(1))]).double()
+    loc = correlate({"attn_max": acts}, ci, ["flat"] * 6 + ["varied"] * 6, LocalizeConfig(min_items=4))
+    flat, varied = loc.categories.index("flat"), loc.categories.index("varied")
+    assert bool((loc.get("attn_max", "flat") == 0).all())
+    assert bool(loc.low[0, flat].isnan().all()) and bool(loc.high[0, flat].isnan().all())
+    assert not bool(loc.low[0, varied].isnan().any())
+
+
 def test_one_batched_pass_per_item_matches_unbatched_eager_forwards(llama, samples, direct):
     forwards = []
     hook = llama.model.register_forward_pre_hook(lambda m, args: forwards.append(1))
