@@ -64,7 +64,7 @@ class HubPush(L.Callback):
         self.private = private
         self._pushed_step: int | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._upload: Future | None = None
+        self._upload: tuple[Future, Path] | None = None  # the upload under way and its staged folder
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -100,17 +100,16 @@ class HubPush(L.Callback):
         if trainer.is_global_zero:
             message = f"HubPush: {type(pl_module).__name__} at step {step}"
             self._executor = self._executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
-            self._upload = self._executor.submit(_push_and_clean, stage, self.repo_id, self.private, message)
-            self._upload.stage = stage
+            self._upload = self._executor.submit(_push_and_clean, stage, self.repo_id, self.private, message), stage
 
     def _wait(self, final: bool = False) -> None:
-        upload, self._upload = self._upload, None
-        if upload is None:
+        pending, self._upload = self._upload, None
+        if pending is None:
             return
+        upload, stage = pending
         try:
             upload.result()  # an upload error surfaces here, in the training thread
         except Exception as e:
-            stage = getattr(upload, "stage", "its staged folder")
             if final:
                 raise RuntimeError(f"HubPush: the final upload to {self.repo_id} failed ({e}); it is kept in {stage}") from e
             log.warning("HubPush: upload to %s failed (%s); kept in %s, training goes on", self.repo_id, e, stage)

@@ -5,7 +5,7 @@ Site names (resolved through Anatomy):
     layers.{i}.resid_post   output of decoder layer i                         [batch, pos, d_model]
     layers.{i}.attn.heads   input of o_proj, one slice per head               [batch, pos, n_heads, head_dim]
     layers.{i}.attn.out     output of o_proj                                  [batch, pos, d_model]
-    layers.{i}.attn.probs   attention probabilities (computed eagerly, this layer only)  [batch, pos, n_heads, keys]
+    layers.{i}.attn.probs   attention probabilities (this layer only)         [batch, pos, n_heads, keys]
     layers.{i}.mlp.in       input of the MLP (after post_attention_layernorm) [batch, pos, d_model]
     layers.{i}.mlp.out      output of the MLP                                 [batch, pos, d_model]
     layers.{i}.mlp.neurons  input of down_proj                                [batch, pos, d_mlp]
@@ -209,8 +209,8 @@ class Chunk:
     values: Tensor  # [n, ...] or dense [batch, pos, ...] when every position was kept
     batch: Tensor | None  # [n]; None when dense
     pos: Tensor  # [n]
+    rows: int  # batch rows of the forward (a row may have selected nothing)
     dense_shape: tuple[int, int] | None = None  # (batch, pos) when values are dense
-    rows: int | None = None  # batch rows of the forward (a row may have selected nothing)
 
 
 class Capture:
@@ -250,24 +250,18 @@ class Capture:
     def _dense(chunk: Chunk, site: str) -> Tensor:
         if chunk.dense_shape is not None:
             return chunk.values
-        batch = Capture._rows(chunk)
+        batch = chunk.rows
         counts = torch.bincount(chunk.batch, minlength=batch)
         if batch and not bool((counts == counts[0]).all()):
             raise ValueError(f"{site!r}: rows selected different numbers of positions; read capture.chunks(site)")
         return chunk.values.reshape(batch, -1, *chunk.values.shape[1:])
 
     @staticmethod
-    def _rows(chunk: Chunk) -> int:
-        if chunk.rows is not None:
-            return chunk.rows
-        return int(chunk.batch.max()) + 1 if chunk.batch.numel() else 0
-
-    @staticmethod
     def _dense_pos(chunk: Chunk) -> Tensor:
         if chunk.dense_shape is not None:
             b, s = chunk.dense_shape
             return chunk.pos.expand(b, s)
-        return chunk.pos.reshape(Capture._rows(chunk), -1)
+        return chunk.pos.reshape(chunk.rows, -1)
 
 
 class _Hooks:
@@ -482,8 +476,8 @@ def _chunk(values: Tensor, ctx: HookContext) -> Chunk:
     if ctx.mask is None:
         b, s = ctx.shape
         pos = torch.arange(s, device=values.device) + ctx.past_len
-        return Chunk(values.reshape(b, s, *values.shape[1:]), None, pos, dense_shape=(b, s))
-    return Chunk(values, ctx.batch, ctx.pos, rows=ctx.shape[0])
+        return Chunk(values.reshape(b, s, *values.shape[1:]), None, pos, b, dense_shape=(b, s))
+    return Chunk(values, ctx.batch, ctx.pos, ctx.shape[0])
 
 
 @contextlib.contextmanager
