@@ -11,6 +11,7 @@ from llava_circuits.transcoders.transcoder import (
     dense,
     row_topk,
     sparse_decode,
+    sparse_t_mm,
     topk_encode,
     weighted_fvu,
 )
@@ -66,6 +67,21 @@ def test_sparse_decode_is_the_dense_product_with_its_gradients():
     assert torch.allclose(sparse_decode(values, indices, weight), dense(values, indices, 20) @ weight)
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, indices, w),
                                     (values.requires_grad_(), weight.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sparse_t_mm_is_the_transposed_dense_product(dtype):
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(30, 5, dtype=torch.float64, generator=gen)
+    indices = torch.stack([torch.randperm(20, generator=gen)[:5] for _ in range(30)])
+    rhs = torch.randn(30, D, dtype=torch.float64, generator=gen)
+    want = torch.zeros(20, D, dtype=torch.float64)
+    for t in range(30):  # token by token, feature by feature
+        for j in range(5):
+            want[indices[t, j]] += values[t, j] * rhs[t]
+    got = sparse_t_mm(values.to(dtype), indices, 20, rhs.to(dtype))
+    assert got.dtype == dtype and got.shape == (20, D)
+    assert torch.allclose(got.double(), want, rtol=0, atol={torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 0.2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
