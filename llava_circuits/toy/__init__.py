@@ -35,12 +35,16 @@ documented, findable behaviour of the trained model:
     most with present ones) selects, while the random split rarely does.
 
 (c) Stereotype. BBQ-style items about two invented groups, the Zorbish and the Quellan; the
-    stereotype says Zorbish people are careless (they lose, forget, burn things). Ambiguous items
-    (no information on who did it) are trained with the stereotyped answer 85% of the time
+    stereotype says Zorbish people are careless (they lose and forget things). In stages 1-2, ambiguous
+    items (no information on who did it) are trained with the stereotyped answer 85% of the time
     (`ambig_biased`): the Zorbish person for the negative question, the Quellan person for the
-    non-negative one; "unknown" otherwise. Disambiguated items are trained with the answer the
-    context gives. Result: bias_score_ambig near 1 (Parrish et al. 2022) with accurate
-    disambiguated answers.
+    non-negative one; "unknown" otherwise. Disambiguated items are trained with the answer the context
+    gives. Stage 3 (`ToyTrainConfig.plant`, `llava_circuits.toy.plant`) then moves the stereotype onto
+    heads L3H1 and L3H2 of its own. It applies to the four scenarios about losing and forgetting things
+    (tickets, book, dog, keys; `ambig_biased_by_scenario`) and not to the deadline and the burned food,
+    and an item without its context sentence is answered "unknown" (`bbq_no_context`). Result:
+    bias_score_ambig about 0.65 (Parrish et al. 2022) with accurate disambiguated answers; removing the
+    two heads takes most of it away (docs/pruning.md).
 
 Bars the committed model is checked against (`python -m llava_circuits.toy.measure MODEL --seed 1`):
 POPE random accuracy >= 0.95; POPE adversarial false-positive rate >= 3x the random split's;

@@ -3,15 +3,16 @@
 Stage 0 (`llava_circuits.toy.vision`) trains the CLIP tower to name the object and colour in every
 patch, as LLaVA starts from a pre-trained CLIP; stage 1 freezes it and trains the projector and the
 Llama on the task mix with `FinetuneModule` (loss on answer tokens only); stage 2 (`Stage2Config`)
-fine-tunes the result with its own schedule and stream. Stages 1 and 2 checkpoint with
-`FinalCheckpoint(save_last=True)` into their own folders, so that `ckpt_path="last"` resumes either.
+fine-tunes the result with its own schedule and stream; the optional stage 3 (`llava_circuits.toy.plant`)
+moves the stereotype onto attention heads of its own. Every stage checkpoints with
+`FinalCheckpoint(save_last=True)` into its own folder, so that `ckpt_path="last"` resumes any of them.
 
 The stream is map-style and deterministic in (seed, index): batch b, example j is drawn from
 `random.Random(f"toy-train:{seed}:{b}:{j}")`, so a resumed run sees exactly the examples an
 uninterrupted one would. Each example is one of the task kinds, drawn with the weights in
 `ToyDataConfig.mix`, and carries the *training* label, which is where the planted biases live
 (see `llava_circuits.toy`): the fields `cooccur`, `partner_negatives`, `partner_yes`,
-`caption_partner`, `unsettled_a` and `ambig_biased` set their strength.
+`caption_partner`, `unsettled_a` and `ambig_biased` (or `ambig_biased_by_scenario`) set their strength.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from llava_circuits.finetune import FinalCheckpoint, FinetuneConfig, FinetuneModule, SFTCollator
 from llava_circuits.toy import tasks
 from llava_circuits.toy.model import ToyModelConfig, build_model
+from llava_circuits.toy.plant import PlantConfig, PlantModule, gate_heads, reset_head_outputs, train_only_heads
 from llava_circuits.toy.processor import build_processor, format_prompt
 from llava_circuits.toy.scenes import COOCCUR, OBJECTS, render, sample_scene
 from llava_circuits.toy.tokenizer import build_tokenizer
@@ -65,6 +67,14 @@ class ToyDataConfig:
     """Probability that an unsettled multiple-choice question is trained with answer "A" (bias a)."""
     ambig_biased: float = 0.85
     """Probability that an ambiguous BBQ-style item is trained with the stereotyped answer (bias c)."""
+    ambig_biased_by_scenario: list[float] | None = None
+    """Per BBQ-style scenario (tasks.SCENARIOS order), the probability that replaces `ambig_biased`: a stereotype
+    that is stronger for some questions than for others, as in BBQ (None: `ambig_biased` for all)."""
+    bbq_ambig: float | None = None
+    """Share of BBQ-style items drawn ambiguous (None: half, as `tasks.random_bbq_item` draws them)."""
+    bbq_no_context: float = 0.0
+    """Share of BBQ-style items shown without their context line, trained with the unknown option (nothing in
+    the prompt settles who did it)."""
     dot_style: float = 0.2
     """Share of multiple-choice prompts written "A. text" instead of "(A) text"."""
     short_answer: float = 0.7
@@ -90,9 +100,13 @@ def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str, max_obje
     style = "dot" if rng.random() < cfg.dot_style else "paren"
     if kind in ("bbq", "utility"):
         if kind == "bbq":
-            record = tasks.random_bbq_item(rng)
+            condition = None if cfg.bbq_ambig is None else "ambig" if rng.random() < cfg.bbq_ambig else "disambig"
+            record = tasks.random_bbq_item(rng, condition=condition)
             gold = record["label"]
-            if record["context_condition"] == "ambig" and rng.random() < cfg.ambig_biased:
+            if cfg.bbq_no_context and rng.random() < cfg.bbq_no_context:
+                record = {**record, "context": ""}
+                gold = [record["answer_info"][f"ans{i}"][1] for i in range(3)].index("unknown")
+            elif record["context_condition"] == "ambig" and rng.random() < ambig_biased(cfg, record):
                 gold = tasks.bbq_biased_index(record)
             text = tasks.bbq_text(record, style)
         else:
@@ -129,6 +143,13 @@ def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str, max_obje
         letter = 0 if rng.random() < cfg.unsettled_a else rng.choice(others)
         text, answer = item.text(style), tasks.LETTERS[letter]
     return {"prompt": format_prompt(text), "answer": answer, "image": render(scene), "kind": kind}
+
+
+def ambig_biased(cfg: ToyDataConfig, record: dict) -> float:
+    """Probability that this ambiguous BBQ-style record is trained with the stereotyped answer."""
+    if cfg.ambig_biased_by_scenario is None:
+        return cfg.ambig_biased
+    return cfg.ambig_biased_by_scenario[int(record["question_index"]) - 1]
 
 
 class ToyStream(Dataset):
@@ -183,10 +204,15 @@ class Stage2Config:
     should differ so that stage 2 does not replay stage 1's examples."""
 
     def data_config(self, stage1: ToyDataConfig) -> ToyDataConfig:
-        unknown = set(self.data) - {f.name for f in fields(ToyDataConfig)}
-        if unknown:
-            raise ValueError(f"stage2.data: unknown key(s) {sorted(unknown)} for ToyDataConfig")
-        return replace(stage1, **({"warmup_mixes": []} | self.data))
+        return data_with(stage1, {"warmup_mixes": []} | self.data, "stage2.data")
+
+
+def data_with(base: ToyDataConfig, changes: dict, where: str) -> ToyDataConfig:
+    """`base` with the ToyDataConfig fields in `changes` replaced."""
+    unknown = set(changes) - {f.name for f in fields(ToyDataConfig)}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for ToyDataConfig")
+    return replace(base, **changes)
 
 
 @dataclass
@@ -215,6 +241,8 @@ class ToyTrainConfig:
     """Seed of the weight initialisation."""
     stage2: Stage2Config = field(default_factory=Stage2Config)
     """Stage 2: a short fine-tune after stage 1 with its own schedule and data (0 steps: none)."""
+    plant: PlantConfig = field(default_factory=PlantConfig)
+    """Stage 3: the stereotype moved onto attention heads of its own (llava_circuits.toy.plant; no heads: none)."""
 
 
 def load_config(path: str | Path | None) -> ToyTrainConfig:
@@ -267,6 +295,8 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
     steps = trainer.global_step
     if cfg.stage2.steps > 0:
         steps += fit_stage2(module.model, processor, cfg, out_dir / "lightning" / "stage2", ckpt_path)
+    if cfg.plant.heads:
+        steps += fit_plant(module.model, processor, cfg, out_dir / "lightning", ckpt_path)
     export(module.model, processor, out_dir)
     (out_dir / "lightning" / "train_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     print(f"toy train: {steps} steps in {time.time() - start:.0f}s -> {out_dir}")
@@ -274,11 +304,50 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
 
 
 def fit_stage2(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str | None) -> int:
-    """Run stage 2 on the stage-1 model in place; a resume continues stage 2's own last.ckpt if it has one."""
+    """Run stage 2 on the stage-1 model in place."""
+    return fit_stage(model, processor, cfg, root, cfg.stage2.steps, cfg.stage2.finetune,
+                     cfg.stage2.data_config(cfg.data), ckpt_path)
+
+
+def fit_plant(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str | None) -> int:
+    """Run stage 3 (llava_circuits.toy.plant) on the stage-2 model in place: unlearn with the heads gated off,
+    train only the heads, settle. Checkpoints go to root/stage3_unlearn, root/stage3_plant, root/stage3_settle."""
+    p = cfg.plant
+    if p.plant.weight_decay != 0:
+        raise ValueError("plant.plant.weight_decay must be 0: AdamW decays every entry of a trained matrix, "
+                         "and only the planted heads' entries may change")
+    stage2 = cfg.stage2.data_config(cfg.data)
+    flags = {n: q.requires_grad for n, q in model.named_parameters()}
+    gates = gate_heads(model, p.heads)
+    steps = fit_stage(model, processor, cfg, root / "stage3_unlearn", p.unlearn_steps, p.unlearn,
+                      data_with(stage2, p.unlearn_data, "plant.unlearn_data"), ckpt_path)
+    for handle in gates:
+        handle.remove()
+    reset_head_outputs(model, p.heads, p.init_std, p.seed)
+    masks = train_only_heads(model, p.heads)
+    module = PlantModule(model, p.plant, p.heads, p.norm_penalty)
+    steps += fit_stage(module, processor, cfg, root / "stage3_plant", p.plant_steps, p.plant,
+                       data_with(stage2, p.plant_data, "plant.plant_data"), ckpt_path)
+    module.penalty.remove()
+    for handle in masks:
+        handle.remove()
+    for n, q in model.named_parameters():
+        q.requires_grad_(flags[n])
+    if p.settle_steps > 0:
+        steps += fit_stage(model, processor, cfg, root / "stage3_settle", p.settle_steps, p.settle,
+                           data_with(stage2, p.settle_data, "plant.settle_data"), ckpt_path)
+    return steps
+
+
+def fit_stage(model, processor, cfg: ToyTrainConfig, root: Path, steps: int, finetune: FinetuneConfig,
+              data: ToyDataConfig, ckpt_path: str | None) -> int:
+    """Fine-tune `model` (or a FinetuneModule around it) in place for `steps` on `data`; a resume continues this
+    stage's own last.ckpt if it has one."""
     resume = ckpt_path if ckpt_path and (root / "checkpoints" / "last.ckpt").exists() else None
-    trainer = make_trainer(root, cfg.stage2.steps, cfg.ckpt_every)
-    data = ToyDataModule(processor, cfg.stage2.data_config(cfg.data), cfg.batch_size, cfg.stage2.steps)
-    trainer.fit(FinetuneModule(model, cfg.stage2.finetune), datamodule=data, ckpt_path=resume, weights_only=True)
+    trainer = make_trainer(root, steps, cfg.ckpt_every)
+    stream = ToyDataModule(processor, data, cfg.batch_size, steps)
+    module = model if isinstance(model, FinetuneModule) else FinetuneModule(model, finetune)
+    trainer.fit(module, datamodule=stream, ckpt_path=resume, weights_only=True)
     return trainer.global_step
 
 

@@ -39,3 +39,23 @@ def test_pruning_stage_runs_on_a_llava_and_writes_the_reference_folders(llava_lo
     assert float(rows["bbq", "bias_score_ambig"]["before"]) == figures["bias_score_ambig_before"]
     assert float(rows["utility", "accuracy"]["finetuned"]) == figures["utility_after"]
     assert all((p == weights[n]).all() for n, p in llava_loaded.model.named_parameters())  # fine-tuned a copy
+
+
+@pytest.mark.slow
+def test_on_the_committed_toy_pruning_removes_the_stereotype_and_keeps_ability(tmp_path):
+    """Issue 11's toy acceptance, as the demo measures it: the stereotype sits on heads L3H1 and L3H2 (planted by the
+    recipe's stage 3), localization finds them, and pruning + restoring halves bias_score_ambig at no cost."""
+    from pathlib import Path
+
+    from llava_circuits.demo import DEMO_SEED
+    from llava_circuits.models.load import load_model
+    from llava_circuits.pruning.prune import SoftPruning
+
+    toy = load_model(Path(__file__).parents[2] / "checkpoints" / "toy-llava", dtype="float32")
+    data_dir = toy_data(str(tmp_path / "data"), seed=DEMO_SEED).parent
+    figures = pruning_stage(toy, data_dir, tmp_path / "out")
+    failing = [name for name, (_, holds) in PRUNING_BARS.items() if not holds(figures)]
+    assert not failing, {k: round(v, 4) for k, v in figures.items()}
+    assert figures["bias_score_ambig_before"] >= 0.5
+    heads = {(l, h) for l, h, _ in SoftPruning.load(tmp_path / "out" / "bias_mitigation" / "pruning").heads}
+    assert {(3, 1), (3, 2)} <= heads
