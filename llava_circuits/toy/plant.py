@@ -2,7 +2,7 @@
 
 After stages 1-2 the stereotype runs through the same path as reading the context (find the group the
 context or the stereotype names, copy its option's letter), so no head can be pruned without losing
-disambiguation too (docs/pruning.md). Stage 3 gives the stereotype a path of its own, in two phases:
+disambiguation too (docs/pruning.md). Stage 3 gives the stereotype a path of its own, in three phases:
 
 1. unlearn: the `heads` are gated off (their slice of o_proj's input is zeroed) while the language model
    trains on the stage-2 mix with ambiguous items answered "unknown": the rest of the model learns to do
@@ -48,21 +48,20 @@ class PlantConfig:
     """Optimiser and schedule of the plant phase; weight_decay must be 0 (AdamW would decay the frozen rows)."""
     plant_data: dict = field(default_factory=dict)
     """ToyDataConfig fields of the plant phase that differ from stage 2's."""
+    norm_penalty: float = 0.0
+    """Weight, in the plant phase's loss, of the heads' mean output norm (o_proj's input slice) at the positions
+    that predict answer tokens: a head kept silent where the stereotype has nothing to say fires by how strongly
+    it applies, which is what a localization by activation magnitude measures."""
+    init_std: float = 0.02
+    """Std of the heads' fresh o_proj columns at the start of the plant phase (small: the heads start almost off)."""
+    seed: int = 0
+    """Seed of those fresh columns."""
     settle_steps: int = 0
     """Optimiser steps of the settle phase (the whole language model trains on items without ambiguity)."""
     settle: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(lr=3e-4, warmup_steps=20, loss_per="example"))
     """Optimiser and schedule of the settle phase."""
     settle_data: dict = field(default_factory=dict)
     """ToyDataConfig fields of the settle phase that differ from stage 2's (set `bbq_ambig: 0.0`)."""
-    norm_penalty: float = 0.0
-    """Weight, in the plant phase's loss, of the heads' mean output norm (o_proj's input slice) at the positions
-    that predict answer tokens: a head
-    kept silent where the stereotype has nothing to say fires by how strongly it applies, which is what a
-    localization by activation magnitude measures."""
-    init_std: float = 0.02
-    """Std of the heads' fresh o_proj columns at the start of the plant phase (small: the heads start almost off)."""
-    seed: int = 0
-    """Seed of those fresh columns."""
 
 
 def attention(model: nn.Module, layer: int) -> nn.Module:

@@ -133,7 +133,8 @@ def _plant_recipe(tmp_path, weight_decay: float = 0.0) -> str:
         "plant": {"heads": [[1, 0]], "unlearn_steps": 2, "unlearn": {"warmup_steps": 1},
                   "unlearn_data": {"ambig_biased": 0.0, "seed": 5}, "plant_steps": 2,
                   "plant": {"lr": 0.01, "warmup_steps": 1, "weight_decay": weight_decay},
-                  "plant_data": {"seed": 6, "mix": {"bbq": 1.0}}, "norm_penalty": 0.01},
+                  "plant_data": {"seed": 6, "mix": {"bbq": 1.0}}, "norm_penalty": 0.01,
+                  "settle_steps": 2, "settle": {"warmup_steps": 1}, "settle_data": {"seed": 7, "bbq_ambig": 0.0}},
     }
     path = tmp_path / f"plant{weight_decay}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -146,7 +147,7 @@ def test_toy_train_runs_the_plant_stage_and_a_resume_retrains_nothing(tmp_path):
     cfg = load_config(_plant_recipe(tmp_path))
     assert cfg.plant.heads == [[1, 0]] and cfg.plant.plant.weight_decay == 0.0
     out = toy_train(str(tmp_path / "m"), _plant_recipe(tmp_path))
-    for phase in ("stage3_unlearn", "stage3_plant"):
+    for phase in ("stage3_unlearn", "stage3_plant", "stage3_settle"):
         assert torch.load(out / "lightning" / phase / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     first = load_file(out / "model.safetensors")
     again = load_file(toy_train(str(tmp_path / "m"), _plant_recipe(tmp_path), ckpt_path="last") / "model.safetensors")
