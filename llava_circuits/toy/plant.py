@@ -20,6 +20,7 @@ its weights, which removing them takes away.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from llava_circuits.finetune import FinetuneConfig, FinetuneModule
+from llava_circuits.models.anatomy import Anatomy
+from llava_circuits.sites import intervene
 
 
 @dataclass
@@ -64,10 +67,6 @@ class PlantConfig:
     """ToyDataConfig fields of the settle phase that differ from stage 2's (set `bbq_ambig: 0.0`)."""
 
 
-def attention(model: nn.Module, layer: int) -> nn.Module:
-    return model.model.language_model.layers[layer].self_attn
-
-
 def by_layer(heads: list[list[int]]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for layer, head in heads:
@@ -75,32 +74,25 @@ def by_layer(heads: list[list[int]]) -> dict[int, list[int]]:
     return out
 
 
-def head_dim(model: nn.Module) -> int:
-    text = model.config.text_config
-    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+def gate_heads(model: nn.Module, heads: list[list[int]]) -> contextlib.AbstractContextManager:
+    """While the context is open, the heads' outputs (site layers.{i}.attn.heads, o_proj's input) are zero."""
+    anatomy = Anatomy.of(model)
 
+    def zero(hs: list[int]):
+        keep = torch.ones(anatomy.n_heads)
+        keep[hs] = 0
+        return lambda act: act * keep.to(act.device, act.dtype)[:, None]  # act [n, n_heads, head_dim]
 
-def gate_heads(model: nn.Module, heads: list[list[int]]) -> list[RemovableHandle]:
-    """Zero the heads' slices of o_proj's input (their whole contribution) until the handles are removed."""
-    d = head_dim(model)
-
-    def hook(gated: list[int]):
-        def pre(module, args):
-            x = args[0].clone()
-            for h in gated:
-                x[..., h * d : (h + 1) * d] = 0
-            return (x, *args[1:])
-        return pre
-
-    return [attention(model, l).o_proj.register_forward_pre_hook(hook(hs)) for l, hs in by_layer(heads).items()]
+    return intervene(model, {f"layers.{l}.attn.heads": zero(hs) for l, hs in by_layer(heads).items()}, anatomy=anatomy)
 
 
 def reset_head_outputs(model: nn.Module, heads: list[list[int]], std: float, seed: int) -> None:
     """Fresh N(0, std) o_proj columns for the heads (seeded)."""
-    d, generator = head_dim(model), torch.Generator().manual_seed(seed)
+    anatomy, generator = Anatomy.of(model), torch.Generator().manual_seed(seed)
+    d = anatomy.head_dim
     with torch.no_grad():
         for layer, hs in sorted(by_layer(heads).items()):
-            w = attention(model, layer).o_proj.weight
+            w = anatomy.proj(layer, "o_proj").weight
             for h in sorted(hs):
                 w[:, h * d : (h + 1) * d] = torch.randn(w.shape[0], d, generator=generator, dtype=w.dtype) * std
 
@@ -108,14 +100,13 @@ def reset_head_outputs(model: nn.Module, heads: list[list[int]], std: float, see
 def head_masks(model: nn.Module, heads: list[list[int]]) -> dict[str, torch.Tensor]:
     """Parameter name -> 0/1 mask of the entries that belong to the heads: their q rows, their KV group's k/v rows
     (GQA: a KV group's rows are shared by its query heads) and their o_proj columns."""
-    text, d = model.config.text_config, head_dim(model)
-    group = text.num_attention_heads // getattr(text, "num_key_value_heads", text.num_attention_heads)
+    anatomy = Anatomy.of(model)
+    d, group = anatomy.head_dim, anatomy.n_heads // anatomy.n_kv_heads
     names = {id(p): n for n, p in model.named_parameters()}
     masks = {}
     for layer, hs in by_layer(heads).items():
-        att = attention(model, layer)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            w = getattr(att, proj).weight
+            w = anatomy.proj(layer, proj).weight
             mask = torch.zeros_like(w)
             for h in hs:
                 unit = h if proj in ("q_proj", "o_proj") else h // group
@@ -141,10 +132,14 @@ def train_only_heads(model: nn.Module, heads: list[list[int]]) -> list[Removable
 
 
 class HeadNormPenalty:
-    """Collects, on every forward, each head's output norm per token (the L2 norm of its slice of o_proj's input)."""
+    """Collects, on every forward, each head's output norm per token (the L2 norm of its slice of o_proj's input).
+
+    A plain o_proj pre-hook rather than a `sites` capture: the penalty needs the activations with their graph and
+    in their [batch, seq] layout, to pick the answer positions of each example."""
 
     def __init__(self, model: nn.Module, heads: list[list[int]]):
-        d = head_dim(model)
+        anatomy = Anatomy.of(model)
+        d = anatomy.head_dim
         self.values: list[torch.Tensor] = []
 
         def hook(hs: list[int]):
@@ -153,7 +148,7 @@ class HeadNormPenalty:
                     self.values.append(args[0][..., h * d : (h + 1) * d].norm(dim=-1))  # [batch, seq]
             return pre
 
-        self.handles = [attention(model, l).o_proj.register_forward_pre_hook(hook(hs)) for l, hs in by_layer(heads).items()]
+        self.handles = [anatomy.proj(l, "o_proj").register_forward_pre_hook(hook(hs)) for l, hs in by_layer(heads).items()]
 
     def pop(self, where: torch.Tensor) -> torch.Tensor:
         """Sum over heads of the mean norm at the `where` [batch, seq] positions, over the forwards since the last pop."""

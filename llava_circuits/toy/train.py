@@ -305,7 +305,7 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
 
 def fit_stage2(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str | None) -> int:
     """Run stage 2 on the stage-1 model in place."""
-    return fit_stage(model, processor, cfg, root, cfg.stage2.steps, cfg.stage2.finetune,
+    return fit_stage(FinetuneModule(model, cfg.stage2.finetune), processor, cfg, root, cfg.stage2.steps,
                      cfg.stage2.data_config(cfg.data), ckpt_path)
 
 
@@ -318,15 +318,13 @@ def fit_plant(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str 
                          "and only the planted heads' entries may change")
     stage2 = cfg.stage2.data_config(cfg.data)
     flags = {n: q.requires_grad for n, q in model.named_parameters()}
-    gates = gate_heads(model, p.heads)
-    steps = fit_stage(model, processor, cfg, root / "stage3_unlearn", p.unlearn_steps, p.unlearn,
-                      data_with(stage2, p.unlearn_data, "plant.unlearn_data"), ckpt_path)
-    for handle in gates:
-        handle.remove()
+    with gate_heads(model, p.heads):
+        steps = fit_stage(FinetuneModule(model, p.unlearn), processor, cfg, root / "stage3_unlearn", p.unlearn_steps,
+                          data_with(stage2, p.unlearn_data, "plant.unlearn_data"), ckpt_path)
     reset_head_outputs(model, p.heads, p.init_std, p.seed)
     masks = train_only_heads(model, p.heads)
     module = PlantModule(model, p.plant, p.heads, p.norm_penalty)
-    steps += fit_stage(module, processor, cfg, root / "stage3_plant", p.plant_steps, p.plant,
+    steps += fit_stage(module, processor, cfg, root / "stage3_plant", p.plant_steps,
                        data_with(stage2, p.plant_data, "plant.plant_data"), ckpt_path)
     module.penalty.remove()
     for handle in masks:
@@ -334,19 +332,18 @@ def fit_plant(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str 
     for n, q in model.named_parameters():
         q.requires_grad_(flags[n])
     if p.settle_steps > 0:
-        steps += fit_stage(model, processor, cfg, root / "stage3_settle", p.settle_steps, p.settle,
+        steps += fit_stage(FinetuneModule(model, p.settle), processor, cfg, root / "stage3_settle", p.settle_steps,
                            data_with(stage2, p.settle_data, "plant.settle_data"), ckpt_path)
     return steps
 
 
-def fit_stage(model, processor, cfg: ToyTrainConfig, root: Path, steps: int, finetune: FinetuneConfig,
-              data: ToyDataConfig, ckpt_path: str | None) -> int:
-    """Fine-tune `model` (or a FinetuneModule around it) in place for `steps` on `data`; a resume continues this
-    stage's own last.ckpt if it has one."""
+def fit_stage(module: FinetuneModule, processor, cfg: ToyTrainConfig, root: Path, steps: int, data: ToyDataConfig,
+              ckpt_path: str | None) -> int:
+    """Train `module`'s model in place for `steps` on `data`; a resume continues this stage's own last.ckpt if it
+    has one."""
     resume = ckpt_path if ckpt_path and (root / "checkpoints" / "last.ckpt").exists() else None
     trainer = make_trainer(root, steps, cfg.ckpt_every)
     stream = ToyDataModule(processor, data, cfg.batch_size, steps)
-    module = model if isinstance(model, FinetuneModule) else FinetuneModule(model, finetune)
     trainer.fit(module, datamodule=stream, ckpt_path=resume, weights_only=True)
     return trainer.global_step
 
