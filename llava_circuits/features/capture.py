@@ -47,13 +47,15 @@ def stop_ids(loaded: Loaded) -> list[int]:
 
 class PositionTagger:
     """For the forward in progress: each position's tag, whether it is a real token, and its index among the
-    sequence's real tokens (left padding and tokens fed after a generated stop token are not real)."""
+    sequence's real tokens (left padding and tokens fed after a generated stop token are not real); `last` marks
+    each sequence's last prompt position (in the prefill; none while decoding)."""
 
     def __init__(self, loaded: Loaded):
         self.anatomy, self.stops = loaded.anatomy, torch.tensor(stop_ids(loaded))
         self._step, self._out = None, None
         self.pad: Tensor | None = None  # [batch] left padding of the prompt
         self.prompt_len = 0
+        self.last: Tensor | None = None  # [b, s] bool, for the forward of the last call
 
     def __call__(self, ctx: HookContext) -> tuple[Tensor, Tensor, Tensor]:
         """(tag [b, s] uint8, real [b, s] bool, index [b, s] long) for the forward of ctx."""
@@ -67,11 +69,15 @@ class PositionTagger:
             self.pad, self.prompt_len = (~mask).sum(1), s
             tag = torch.where(self.anatomy.image_mask(step.input_ids), IMAGE, PROMPT).to(torch.uint8)
             real = mask
+            last_col = s - 1 - mask.flip(1).long().argmax(1)  # [b]: the last real position, whatever the padding side
+            self.last = torch.zeros(b, s, dtype=torch.bool, device=device)
+            self.last[torch.arange(b, device=device), last_col] = mask.any(1)
         else:
             generated = step.seq_ids[:, self.prompt_len : step.past_len + s]  # [b, generated so far]
             stopped = torch.isin(generated, self.stops.to(device)).long().cumsum(1) > 0
             real = ~stopped[:, -s:]
             tag = torch.full((b, s), GENERATED, dtype=torch.uint8, device=device)
+            self.last = torch.zeros(b, s, dtype=torch.bool, device=device)
         index = torch.arange(step.past_len, step.past_len + s, device=device)[None, :] - self.pad.to(device)[:, None]
         self._step, self._out = step, (tag, real, index)
         return self._out

@@ -15,6 +15,9 @@ from llava_circuits.pruning.config import from_dict
 
 TAGS = ("image", "prompt", "generated")
 """What a captured position is: an image token, a prompt text token, or a generated token."""
+READ_TAGS = TAGS + ("prompt_last",)
+"""Tags analyze and steer accept: the captured ones, and "prompt_last", the last prompt position (the one whose
+output is the first answer token, where a one-word answer is decided)."""
 
 
 @dataclass
@@ -73,7 +76,7 @@ class AnalyzeConfig:
     """Per-feature GOOD / BAD statistics, the significance test and the round-robin selection."""
 
     tags: list[str] = field(default_factory=lambda: list(TAGS))
-    """Positions a sample's activations are read at, by tag."""
+    """Positions a sample's activations are read at, by tag (READ_TAGS: "prompt_last" is the answer's position)."""
     pool: str = "mean"
     """A feature's activation in a sample: "mean" over the sample's read positions (zeros included) or "max"."""
     epsilon: float = 1e-3
@@ -117,7 +120,7 @@ class SteerConfig:
     where: str = "fires"
     """"fires": only where the feature is active; "all": at every steered position (add and clamp)."""
     tags: list[str] = field(default_factory=lambda: list(TAGS))
-    """Positions steered, by tag."""
+    """Positions steered, by tag (READ_TAGS: "prompt_last" steers the prefill's last prompt position only)."""
     transcoders_in_loop: bool = False
     """True: edit the features in the replacement model (MLPs replaced by the transcoders); False: the original
     model plus the change (decoder direction x activation change) at the MLP output where the feature fires."""
@@ -162,10 +165,15 @@ def load_config(path: str | Path | None = None) -> FeaturesConfig:
 
 
 def check(cfg: FeaturesConfig) -> None:
-    for name, tags in (("capture.tags", cfg.capture.tags), ("analyze.tags", cfg.analyze.tags), ("steer.tags", cfg.steer.tags)):
-        bad = sorted(set(tags) - set(TAGS))
+    for name, tags, known in (("capture.tags", cfg.capture.tags, TAGS), ("analyze.tags", cfg.analyze.tags, READ_TAGS),
+                              ("steer.tags", cfg.steer.tags, READ_TAGS)):
+        bad = sorted(set(tags) - set(known))
         if bad:
-            raise ValueError(f"{name}: unknown tag(s) {bad}; known: {list(TAGS)}")
+            raise ValueError(f"{name}: unknown tag(s) {bad}; known: {list(known)}")
+    for bench, rule in cfg.classify.rules.items():
+        odd = [g for g in rule.gold or [] if not isinstance(g, str)]
+        if odd:  # YAML reads a bare no / yes as a boolean
+            raise ValueError(f"classify.rules.{bench}.gold: {odd} are not strings; quote them, e.g. gold: [\"no\"]")
     choices = [("analyze.pool", cfg.analyze.pool, ("mean", "max")), ("analyze.test", cfg.analyze.test, ("fisher", "log_odds")),
                ("steer.which", cfg.steer.which, ("good", "bad")), ("steer.op", cfg.steer.op, ("scale", "add", "clamp")),
                ("steer.where", cfg.steer.where, ("fires", "all")),

@@ -102,12 +102,15 @@ class FeatureSteering(Intervention):
 
     def edit(self, tagger: PositionTagger, columns: list[int]):
         """The feature edit of one layer: acts [n, d_tc] -> steered acts (the same tensor when nothing changes)."""
-        cfg, steer_tags = self.cfg, torch.tensor([TAGS.index(t) for t in self.cfg.tags], dtype=torch.uint8)
+        cfg, steer_tags = self.cfg, torch.tensor([TAGS.index(t) for t in self.cfg.tags if t in TAGS], dtype=torch.uint8)
+        prompt_last = "prompt_last" in cfg.tags
 
         def steer(acts: Tensor, ctx: HookContext) -> Tensor:
             tag, real, _ = tagger(ctx)
             rows, cols = ctx.batch, ctx.pos - ctx.past_len  # [n]
             at = real[rows, cols] & torch.isin(tag[rows, cols], steer_tags.to(tag.device))  # [n]
+            if prompt_last:
+                at = at | tagger.last[rows, cols]
             idx = torch.tensor(columns, device=acts.device)
             cur = acts[:, idx]  # [n, m]
             mask = at[:, None] & ((cur != 0) if cfg.where == "fires" else torch.ones_like(cur, dtype=torch.bool))

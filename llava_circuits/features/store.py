@@ -45,14 +45,22 @@ class SampleActs:
     feature: Tensor  # [m] int32
     value: Tensor  # [m] float
 
+    def positions(self, tags: list[str]) -> Tensor:
+        """[n_pos] bool: the positions with one of `tags` ("prompt_last": the last prompt position)."""
+        keep = torch.isin(self.tags, torch.tensor([TAGS.index(t) for t in tags if t in TAGS], dtype=self.tags.dtype))
+        if "prompt_last" in tags:
+            prompt = (self.tags == TAGS.index("prompt")).nonzero()
+            if len(prompt):
+                keep[prompt[-1, 0]] = True
+        return keep
+
     def at(self, tags: list[str]) -> SampleActs:
         """Only the activations at positions with one of `tags`."""
-        keep_pos = torch.isin(self.tags, torch.tensor([TAGS.index(t) for t in tags], dtype=self.tags.dtype))
-        keep = keep_pos[self.position.long()]
+        keep = self.positions(tags)[self.position.long()]
         return SampleActs(self.id, self.tags, self.layer[keep], self.position[keep], self.feature[keep], self.value[keep])
 
     def n_positions(self, tags: list[str]) -> int:
-        return int(torch.isin(self.tags, torch.tensor([TAGS.index(t) for t in tags], dtype=self.tags.dtype)).sum())
+        return int(self.positions(tags).sum())
 
     def dense(self, layer: int, n_features: int) -> Tensor:
         """[n_pos, n_features] activations of one layer."""

@@ -33,6 +33,8 @@ documented, findable behaviour of the trained model:
     Result: false "Yes" to about half of the absent partners (and, after the recipe's stage 2, to
     almost no other absent object), which POPE's adversarial split (absent objects that co-occur
     most with present ones) selects, while the random split rarely does.
+    The optional stage 4 (`ToyTrainConfig.hallucination`, not in the committed model) moves it onto
+    heads and MLP neurons of its own (docs/features.md).
 
 (c) Stereotype. BBQ-style items about two invented groups, the Zorbish and the Quellan; the
     stereotype says Zorbish people are careless (they lose and forget things). In stages 1-2, ambiguous

@@ -4,7 +4,8 @@ Stage 0 (`llava_circuits.toy.vision`) trains the CLIP tower to name the object a
 patch, as LLaVA starts from a pre-trained CLIP; stage 1 freezes it and trains the projector and the
 Llama on the task mix with `FinetuneModule` (loss on answer tokens only); stage 2 (`Stage2Config`)
 fine-tunes the result with its own schedule and stream; the optional stage 3 (`llava_circuits.toy.plant`)
-moves the stereotype onto attention heads of its own. Every stage checkpoints with
+moves the stereotype onto attention heads of its own, and the optional stage 4 the co-occurrence bias onto
+heads and MLP neurons of its own. Every stage checkpoints with
 `FinalCheckpoint(save_last=True)` into its own folder, so that `ckpt_path="last"` resumes any of them.
 
 The stream is map-style and deterministic in (seed, index): batch b, example j is drawn from
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from llava_circuits.finetune import FinalCheckpoint, FinetuneConfig, FinetuneModule, SFTCollator
 from llava_circuits.toy import tasks
 from llava_circuits.toy.model import ToyModelConfig, build_model
-from llava_circuits.toy.plant import PlantConfig, PlantModule, gate_heads, reset_head_outputs, train_only_heads
+from llava_circuits.toy.plant import AnswerProjection, PlantConfig, PlantModule, gate_heads, reset_head_outputs, train_only_heads
 from llava_circuits.toy.processor import build_processor, format_prompt
 from llava_circuits.toy.scenes import COOCCUR, OBJECTS, render, sample_scene
 from llava_circuits.toy.tokenizer import build_tokenizer
@@ -57,6 +58,8 @@ class ToyDataConfig:
     multiple choice follows, where reading an option's letter forms, then grounding with letters."""
     cooccur: float = COOCCUR
     """Probability that a scene holding one member of a pair also holds its partner (bias b)."""
+    pope_positive: float = 0.5
+    """Share of POPE questions that ask about a present object (the rest ask about an absent one)."""
     partner_negatives: float = 0.5
     """Share of POPE negatives that ask about an absent partner, when the scene has one (bias b)."""
     partner_yes: float = 0.95
@@ -117,7 +120,7 @@ def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str, max_obje
     scene = sample_scene(rng, max_objects=max_objects, cooccur=cfg.cooccur)
     if kind == "pope":
         partners = tasks.absent_partners(scene)
-        if rng.random() < 0.5:
+        if rng.random() < cfg.pope_positive:
             name, answer = rng.choice(scene.names), "Yes"
         elif partners and rng.random() < cfg.partner_negatives:
             name, answer = rng.choice(partners), "Yes" if rng.random() < cfg.partner_yes else "No"
@@ -243,6 +246,8 @@ class ToyTrainConfig:
     """Stage 2: a short fine-tune after stage 1 with its own schedule and data (0 steps: none)."""
     plant: PlantConfig = field(default_factory=PlantConfig)
     """Stage 3: the stereotype moved onto attention heads of its own (llava_circuits.toy.plant; no heads: none)."""
+    hallucination: PlantConfig = field(default_factory=PlantConfig)
+    """Stage 4: the co-occurrence bias moved onto heads and MLP neurons of its own (no heads or neurons: none)."""
 
 
 def load_config(path: str | Path | None) -> ToyTrainConfig:
@@ -296,7 +301,9 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
     if cfg.stage2.steps > 0:
         steps += fit_stage2(module.model, processor, cfg, out_dir / "lightning" / "stage2", ckpt_path)
     if cfg.plant.heads:
-        steps += fit_plant(module.model, processor, cfg, out_dir / "lightning", ckpt_path)
+        steps += fit_plant(module.model, processor, cfg, cfg.plant, out_dir / "lightning", "stage3", ckpt_path)
+    if cfg.hallucination.heads or cfg.hallucination.neurons:
+        steps += fit_plant(module.model, processor, cfg, cfg.hallucination, out_dir / "lightning", "stage4", ckpt_path)
     export(module.model, processor, out_dir)
     (out_dir / "lightning" / "train_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     print(f"toy train: {steps} steps in {time.time() - start:.0f}s -> {out_dir}")
@@ -309,31 +316,38 @@ def fit_stage2(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str
                      cfg.stage2.data_config(cfg.data), ckpt_path)
 
 
-def fit_plant(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str | None) -> int:
-    """Run stage 3 (llava_circuits.toy.plant) on the stage-2 model in place: unlearn with the heads gated off,
-    train only the heads, settle. Checkpoints go to root/stage3_unlearn, root/stage3_plant, root/stage3_settle."""
-    p = cfg.plant
-    if p.plant.weight_decay != 0:
-        raise ValueError("plant.plant.weight_decay must be 0: AdamW decays every entry of a trained matrix, "
-                         "and only the planted heads' entries may change")
+def fit_plant(model, processor, cfg: ToyTrainConfig, p: PlantConfig, root: Path, stage: str,
+              ckpt_path: str | None) -> int:
+    """Run a plant stage (llava_circuits.toy.plant) on the model in place: unlearn with the units gated off, train
+    only the units (plant, then refine), settle. Checkpoints go to root/{stage}_unlearn, _plant, _refine, _settle."""
+    for name, phase in (("plant", p.plant), ("refine", p.refine)):
+        if phase.weight_decay != 0:
+            raise ValueError(f"{name}.weight_decay must be 0 in a plant stage: AdamW decays every entry of a "
+                             "trained matrix, and only the planted units' entries may change")
     stage2 = cfg.stage2.data_config(cfg.data)
     flags = {n: q.requires_grad for n, q in model.named_parameters()}
-    with gate_heads(model, p.heads):
-        steps = fit_stage(FinetuneModule(model, p.unlearn), processor, cfg, root / "stage3_unlearn", p.unlearn_steps,
-                          data_with(stage2, p.unlearn_data, "plant.unlearn_data"), ckpt_path)
-    reset_head_outputs(model, p.heads, p.init_std, p.seed)
-    masks = train_only_heads(model, p.heads)
-    module = PlantModule(model, p.plant, p.heads, p.norm_penalty)
-    steps += fit_stage(module, processor, cfg, root / "stage3_plant", p.plant_steps,
-                       data_with(stage2, p.plant_data, "plant.plant_data"), ckpt_path)
-    module.penalty.remove()
+    with gate_heads(model, p.heads, p.neurons):
+        steps = fit_stage(FinetuneModule(model, p.unlearn), processor, cfg, root / f"{stage}_unlearn", p.unlearn_steps,
+                          data_with(stage2, p.unlearn_data, f"{stage}.unlearn_data"), ckpt_path)
+    reset_head_outputs(model, p.heads, p.init_std, p.seed, p.neurons)
+    projection = AnswerProjection(model, p.heads, p.answer_tokens, processor.tokenizer) if p.answer_tokens else None
+    if projection is not None:
+        projection.apply()
+    masks = train_only_heads(model, p.heads, p.neurons)
+    for name, optim, n_steps, data in (("plant", p.plant, p.plant_steps, p.plant_data),
+                                       ("refine", p.refine, p.refine_steps, p.refine_data)):
+        if n_steps > 0:
+            module = PlantModule(model, optim, p.heads, p.norm_penalty, p.neurons, p.neuron_norm_penalty, projection)
+            steps += fit_stage(module, processor, cfg, root / f"{stage}_{name}", n_steps,
+                               data_with(stage2, data, f"{stage}.{name}_data"), ckpt_path)
+            module.remove()
     for handle in masks:
         handle.remove()
     for n, q in model.named_parameters():
         q.requires_grad_(flags[n])
     if p.settle_steps > 0:
-        steps += fit_stage(FinetuneModule(model, p.settle), processor, cfg, root / "stage3_settle", p.settle_steps,
-                           data_with(stage2, p.settle_data, "plant.settle_data"), ckpt_path)
+        steps += fit_stage(FinetuneModule(model, p.settle), processor, cfg, root / f"{stage}_settle", p.settle_steps,
+                           data_with(stage2, p.settle_data, f"{stage}.settle_data"), ckpt_path)
     return steps
 
 

@@ -26,6 +26,21 @@ def test_shipped_configs_load(path):
     assert cfg.classify.rules["pope"].metric == "accuracy" and cfg.analyze.test == "fisher"
 
 
+def test_config_checks_tags_per_step_and_unquoted_yaml_answers(tmp_path):
+    from llava_circuits.features.config import load_config
+
+    def load(raw: dict):
+        path = tmp_path / "c.yaml"
+        path.write_text(raw)
+        return load_config(path)
+
+    assert load("analyze: {tags: [prompt_last]}\nsteer: {tags: [prompt_last]}").analyze.tags == ["prompt_last"]
+    with pytest.raises(ValueError, match="capture.tags: unknown tag"):  # captured positions are image/prompt/generated
+        load("capture: {tags: [prompt_last]}")
+    with pytest.raises(ValueError, match=r"classify.rules.pope.gold: \[False\] are not strings"):
+        load("classify: {rules: {pope: {metric: accuracy, good: '>= 1', bad: '< 1', gold: [no]}}}")
+
+
 @pytest.mark.slow
 def test_commands_run_end_to_end_and_eval_accepts_the_steering(tiny_dir, transcoders_dir, tmp_path):
     data = pope_file(tmp_path / "pope", 12)

@@ -85,6 +85,33 @@ def test_steering_only_generated_tokens_leaves_the_prompt_alone(tiny, tiny_trans
     assert any(not torch.allclose(a, b) for a, b in zip(steered[1:], plain[1:]))  # generated tokens are steered
 
 
+def test_steering_prompt_last_changes_only_each_rows_last_prompt_position_and_no_decode_step(tiny, tiny_transcoders,
+                                                                                            llava_inputs):
+    steering = FeatureSteering.build(tiny_transcoders, FEATURES, SteerConfig(op="clamp", value=5.0, where="all",
+                                                                             tags=["prompt_last"]))
+    with torch.no_grad():
+        plain = tiny.model(**llava_inputs).logits
+        with steering.applied(tiny):
+            steered = tiny.model(**llava_inputs).logits
+    changed = (steered - plain).abs().amax(-1) > 1e-6  # [batch, pos]; causal: a position sees itself and earlier ones
+    assert changed[:, -1].all() and not changed[:, :-1].any()  # left padding: every row's prompt ends at the last column
+    kwargs = dict(**llava_inputs, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=tiny.tokenizer.pad_token_id)
+    with torch.no_grad(), steering.applied(tiny):
+        out = tiny.model.generate(**kwargs)
+    # reference: a no-cache forward of the generated sequence with the edit at the prompt's last column only
+    n = llava_inputs["input_ids"].shape[1]
+    reference = ReplacementModel(tiny_transcoders, error_term=True, record=False)
+    for layer in sorted({l for l, _ in FEATURES}):
+        reference.edit(layer, FeatureEdit(feature=[f for l, f in FEATURES if l == layer], value=5.0, positions=[n - 1]))
+    seq = out.sequences[:, :-1]
+    mask = torch.cat([llava_inputs["attention_mask"], torch.ones(3, seq.shape[1] - n, dtype=torch.long)], 1)
+    with torch.no_grad(), reference.applied(tiny):
+        full = tiny.model(input_ids=seq, attention_mask=mask, pixel_values=llava_inputs["pixel_values"]).logits
+    for step, scores in enumerate(out.scores):  # the prefill's last position, then each decode step, unsteered
+        torch.testing.assert_close(scores, full[:, n - 1 + step], atol=1e-4, rtol=1e-4)
+
+
 def test_saved_steering_loads_as_an_intervention_and_eval_runs_it(tiny, tiny_transcoders, llava_inputs, pope_dir,
                                                                   tmp_path):
     steering = FeatureSteering.build(tiny_transcoders, FEATURES, SteerConfig(op="clamp", value=4.0, where="all"),

@@ -49,3 +49,14 @@ def test_repair_restores_responses_a_kill_cut_off(tmp_path):
     assert log.read("responses")["3"] == records[3]
     assert not list((tmp_path / "acts").glob(".*tmp*"))
     assert repair(tmp_path, log) == 0  # idempotent
+
+
+def test_prompt_last_reads_only_the_last_prompt_position():
+    tags = torch.tensor([0, 0, 1, 1, 1, 2, 2], dtype=torch.uint8)  # image, image, prompt x3, generated x2
+    sample = SampleActs("s", tags, torch.tensor([0, 0, 1, 0, 1], dtype=torch.int16),
+                        torch.tensor([1, 3, 4, 4, 5], dtype=torch.int32), torch.tensor([7, 2, 9, 3, 2], dtype=torch.int32),
+                        torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0]))
+    assert sample.positions(["prompt_last"]).tolist() == [False, False, False, False, True, False, False]
+    last = sample.at(["prompt_last"])
+    assert last.position.tolist() == [4, 4] and last.feature.tolist() == [9, 3] and sample.n_positions(["prompt_last"]) == 1
+    assert sample.n_positions(["prompt", "prompt_last"]) == 3 and sample.n_positions(["image", "generated"]) == 4

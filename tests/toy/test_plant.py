@@ -8,7 +8,8 @@ import yaml
 
 from llava_circuits.toy import tasks
 from llava_circuits.toy.model import ToyModelConfig, build_model
-from llava_circuits.toy.plant import HeadNormPenalty, gate_heads, head_masks, reset_head_outputs, train_only_heads
+from llava_circuits.toy.plant import (AnswerProjection, HeadNormPenalty, NeuronNormPenalty, gate_heads, head_masks,
+                                     neuron_masks, reset_head_outputs, train_only_heads)
 from llava_circuits.toy.tokenizer import build_tokenizer
 from llava_circuits.toy.train import ToyDataConfig, load_config, toy_train, training_example
 
@@ -120,7 +121,7 @@ def test_bbq_training_fields_no_context_scenario_strength_and_ambiguous_share():
     assert all(any(s in t for s in ("but the", "while the", "and the")) for t in texts)  # every one disambiguated
 
 
-def _plant_recipe(tmp_path, weight_decay: float = 0.0) -> str:
+def _plant_recipe(tmp_path, weight_decay: float = 0.0, hallucination: bool = False) -> str:
     raw = {
         "max_steps": 2, "batch_size": 4, "ckpt_every": 2, "threads": 1,
         "model": {"vision_width": 32, "vision_layers": 1, "vision_heads": 2, "vision_mlp": 64,
@@ -132,7 +133,15 @@ def _plant_recipe(tmp_path, weight_decay: float = 0.0) -> str:
                   "plant_data": {"seed": 6, "mix": {"bbq": 1.0}}, "norm_penalty": 0.01,
                   "settle_steps": 2, "settle": {"warmup_steps": 1}, "settle_data": {"seed": 7, "bbq_ambig": 0.0}},
     }
-    path = tmp_path / f"plant{weight_decay}.yaml"
+    if hallucination:
+        raw["hallucination"] = {
+            "heads": [[0, 1]], "neurons": [[1, 8, 24]], "answer_tokens": ["Yes", "No"], "unlearn_steps": 2,
+            "unlearn": {"warmup_steps": 1}, "unlearn_data": {"partner_yes": 0.0, "seed": 8}, "plant_steps": 2,
+            "plant": {"lr": 0.01, "warmup_steps": 1, "weight_decay": 0.0},
+            "plant_data": {"seed": 9, "pope_positive": 0.0, "partner_yes": 1.0, "mix": {"pope": 1.0}},
+            "refine_steps": 2, "refine": {"lr": 0.01, "warmup_steps": 1, "weight_decay": 0.0},
+            "refine_data": {"seed": 10, "partner_yes": 1.0, "mix": {"pope": 1.0}}}
+    path = tmp_path / f"plant{weight_decay}{hallucination}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
 
@@ -150,3 +159,85 @@ def test_toy_train_runs_the_plant_stage_and_a_resume_retrains_nothing(tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
     with pytest.raises(ValueError, match="weight_decay must be 0"):
         toy_train(str(tmp_path / "wd"), _plant_recipe(tmp_path, weight_decay=0.01))
+
+
+def test_gated_neurons_contribute_exactly_nothing_and_train_only_touches_their_rows_and_columns(tiny):
+    zeroed = copy.deepcopy(tiny)
+    with torch.no_grad():
+        zeroed.model.language_model.layers[1].mlp.down_proj.weight[:, 10:20] = 0
+    with gate_heads(tiny, [], [[1, 10, 20]]):
+        gated = tiny(**lm_batch()).logits
+    torch.testing.assert_close(gated, zeroed(**lm_batch()).logits, rtol=0, atol=1e-6)
+    model = copy.deepcopy(tiny)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handles = train_only_heads(model, [], [[1, 10, 20]])
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model(**lm_batch()).logits.square().mean().backward()
+    optim.step()
+    for h in handles:
+        h.remove()
+    mlp = "model.language_model.layers.1.mlp"
+    expected = {f"{mlp}.gate_proj.weight": (slice(10, 20), slice(None)), f"{mlp}.up_proj.weight": (slice(10, 20), slice(None)),
+                f"{mlp}.down_proj.weight": (slice(None), slice(10, 20))}
+    for name, p in model.named_parameters():
+        changed = p.detach() != before[name]
+        inside = torch.zeros_like(changed)
+        if name in expected:
+            inside[expected[name]] = True
+        if name in expected:
+            assert changed[inside].all(), name
+        assert not changed[~inside].any(), name
+    assert set(neuron_masks(model, [[1, 10, 20]])) == set(expected)
+
+
+def test_neuron_norm_penalty_is_the_mean_norm_of_the_block_at_the_chosen_positions(tiny):
+    seen = []
+    hook = tiny.model.language_model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().double()))
+    penalty = NeuronNormPenalty(tiny, [[0, 3, 9], [0, 40, 41]])
+    try:
+        tiny(**lm_batch(2))
+    finally:
+        hook.remove()
+        penalty.remove()
+    where = torch.zeros(3, 9, dtype=torch.bool)
+    where[1, 5], where[2, 0] = True, True
+    x = seen[0]
+    direct = sum(torch.stack([x[b, t, a:z].norm() for b, t in where.nonzero().tolist()]).mean() for a, z in ((3, 9), (40, 41)))
+    torch.testing.assert_close(penalty.pop(where).double(), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_answer_projection_takes_the_answer_logits_out_of_the_heads_direct_path(tiny):
+    tok = build_tokenizer()
+    model = copy.deepcopy(tiny)
+    AnswerProjection(model, [[1, 2]], ["Yes", "No"], tok).apply()
+    d, lm = 32 // 4, model.model.language_model
+    cols = lm.layers[1].self_attn.o_proj.weight[:, 2 * d : 3 * d]  # what the head writes to the residual stream
+    readout = model.lm_head.weight[tok.convert_tokens_to_ids(["Yes", "No"])] * lm.norm.weight
+    torch.testing.assert_close(readout @ cols, torch.zeros(2, d), rtol=0, atol=1e-5)
+    w0, w = tiny.model.language_model.layers[1].self_attn.o_proj.weight, lm.layers[1].self_attn.o_proj.weight
+    assert torch.equal(w[:, : 2 * d], w0[:, : 2 * d]) and torch.equal(w[:, 3 * d :], w0[:, 3 * d :])
+    assert not torch.equal(w[:, 2 * d : 3 * d], w0[:, 2 * d : 3 * d])
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        AnswerProjection(model, [[1, 2]], ["Yes", "Perhaps-not-a-word"], tok)
+
+
+def test_toy_train_runs_the_hallucination_stage_with_neurons_refine_and_heads_kept_off_the_answer(tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = _plant_recipe(tmp_path, hallucination=True)
+    out = toy_train(str(tmp_path / "m"), recipe)
+    for phase in ("stage4_unlearn", "stage4_plant", "stage4_refine"):
+        assert torch.load(out / "lightning" / phase / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_circuits.models.anatomy import Anatomy
+
+    anatomy = Anatomy.of(LlavaForConditionalGeneration.from_pretrained(out))
+    ids = build_tokenizer().convert_tokens_to_ids(["Yes", "No"])
+    readout = anatomy.lm_head.weight[ids] * anatomy.final_norm.weight
+    cols = anatomy.proj(0, "o_proj").weight[:, 16:32]  # head 1 of 2, head_dim 16
+    torch.testing.assert_close(readout @ cols, torch.zeros(2, 16), rtol=0, atol=1e-5)
+    weights = load_file(out / "model.safetensors")
+    again = load_file(toy_train(str(tmp_path / "m"), recipe, ckpt_path="last") / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
