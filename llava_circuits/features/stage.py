@@ -1,7 +1,8 @@
 """The demo's `features` stage: discover the features behind the toy's co-occurrence bias, then steer them.
 
 On toy data of another seed (discovery), POPE adversarial is captured through the transcoders, classified
-(GOOD: correct), analyzed and the selection steered (configs/toy/features.yaml, `steer`); on the demo's own
+(configs/toy/features.yaml: among absent objects, GOOD a correct "no", BAD a false "yes"), analyzed at the
+answering position and the selection steered there (`steer`); on the demo's own
 data the steering is measured against the unsteered model and against as many random active features:
 
     steer_yes_ratio_shift             yes_ratio(unsteered) - yes_ratio(steered) on POPE adversarial
