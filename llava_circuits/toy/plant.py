@@ -102,7 +102,7 @@ def neuron_blocks(neurons: list[list[int]]) -> dict[int, list[tuple[int, int]]]:
     return out
 
 
-def gate_heads(model: nn.Module, heads: list[list[int]], neurons: list[list[int]] = ()) -> contextlib.AbstractContextManager:
+def gate_units(model: nn.Module, heads: list[list[int]], neurons: list[list[int]] = ()) -> contextlib.AbstractContextManager:
     """While the context is open, the heads' outputs (site layers.{i}.attn.heads, o_proj's input) and the neurons'
     activations (site layers.{i}.mlp.neurons, down_proj's input) are zero."""
     anatomy = Anatomy.of(model)
@@ -123,7 +123,7 @@ def gate_heads(model: nn.Module, heads: list[list[int]], neurons: list[list[int]
     return intervene(model, edits, anatomy=anatomy)
 
 
-def reset_head_outputs(model: nn.Module, heads: list[list[int]], std: float, seed: int,
+def reset_unit_outputs(model: nn.Module, heads: list[list[int]], std: float, seed: int,
                        neurons: list[list[int]] = ()) -> None:
     """Fresh N(0, std) o_proj columns for the heads, then down_proj columns for the neurons (one seeded stream)."""
     anatomy, generator = Anatomy.of(model), torch.Generator().manual_seed(seed)
@@ -179,7 +179,7 @@ def neuron_masks(model: nn.Module, neurons: list[list[int]]) -> dict[str, torch.
     return masks
 
 
-def train_only_heads(model: nn.Module, heads: list[list[int]], neurons: list[list[int]] = ()) -> list[RemovableHandle]:
+def train_only_units(model: nn.Module, heads: list[list[int]], neurons: list[list[int]] = ()) -> list[RemovableHandle]:
     """Make the entries of the heads (and neurons) the only trainable ones: requires_grad on their matrices only,
     and gradient masks that zero every other entry of those matrices (until the handles are removed)."""
     masks = head_masks(model, heads) | neuron_masks(model, neurons)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from llava_circuits.finetune import FinalCheckpoint, FinetuneConfig, FinetuneModule, SFTCollator
 from llava_circuits.toy import tasks
 from llava_circuits.toy.model import ToyModelConfig, build_model
-from llava_circuits.toy.plant import AnswerProjection, PlantConfig, PlantModule, gate_heads, reset_head_outputs, train_only_heads
+from llava_circuits.toy.plant import AnswerProjection, PlantConfig, PlantModule, gate_units, reset_unit_outputs, train_only_units
 from llava_circuits.toy.processor import build_processor, format_prompt
 from llava_circuits.toy.scenes import COOCCUR, OBJECTS, render, sample_scene
 from llava_circuits.toy.tokenizer import build_tokenizer
@@ -326,14 +326,14 @@ def fit_plant(model, processor, cfg: ToyTrainConfig, p: PlantConfig, root: Path,
                              "trained matrix, and only the planted units' entries may change")
     stage2 = cfg.stage2.data_config(cfg.data)
     flags = {n: q.requires_grad for n, q in model.named_parameters()}
-    with gate_heads(model, p.heads, p.neurons):
+    with gate_units(model, p.heads, p.neurons):
         steps = fit_stage(FinetuneModule(model, p.unlearn), processor, cfg, root / f"{stage}_unlearn", p.unlearn_steps,
                           data_with(stage2, p.unlearn_data, f"{stage}.unlearn_data"), ckpt_path)
-    reset_head_outputs(model, p.heads, p.init_std, p.seed, p.neurons)
+    reset_unit_outputs(model, p.heads, p.init_std, p.seed, p.neurons)
     projection = AnswerProjection(model, p.heads, p.answer_tokens, processor.tokenizer) if p.answer_tokens else None
     if projection is not None:
         projection.apply()
-    masks = train_only_heads(model, p.heads, p.neurons)
+    masks = train_only_units(model, p.heads, p.neurons)
     for name, optim, n_steps, data in (("plant", p.plant, p.plant_steps, p.plant_data),
                                        ("refine", p.refine, p.refine_steps, p.refine_data)):
         if n_steps > 0:

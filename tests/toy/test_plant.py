@@ -8,8 +8,8 @@ import yaml
 
 from llava_circuits.toy import tasks
 from llava_circuits.toy.model import ToyModelConfig, build_model
-from llava_circuits.toy.plant import (AnswerProjection, HeadNormPenalty, NeuronNormPenalty, gate_heads, head_masks,
-                                     neuron_masks, reset_head_outputs, train_only_heads)
+from llava_circuits.toy.plant import (AnswerProjection, HeadNormPenalty, NeuronNormPenalty, gate_units, head_masks,
+                                     neuron_masks, reset_unit_outputs, train_only_units)
 from llava_circuits.toy.tokenizer import build_tokenizer
 from llava_circuits.toy.train import ToyDataConfig, load_config, toy_train, training_example
 
@@ -28,10 +28,10 @@ def lm_batch(seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def test_train_only_heads_changes_nothing_but_their_q_rows_kv_group_rows_and_o_columns(tiny):
+def test_train_only_units_changes_nothing_but_their_q_rows_kv_group_rows_and_o_columns(tiny):
     model = copy.deepcopy(tiny)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    handles = train_only_heads(model, [[1, 3]])
+    handles = train_only_units(model, [[1, 3]])
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     for _ in range(2):
         model(**lm_batch()).logits.square().mean().backward()
@@ -62,7 +62,7 @@ def test_gated_heads_contribute_exactly_nothing(tiny):
     d = 32 // 4
     with torch.no_grad():
         zeroed.model.language_model.layers[0].self_attn.o_proj.weight[:, 2 * d : 3 * d] = 0
-    with gate_heads(tiny, [[0, 2]]):
+    with gate_units(tiny, [[0, 2]]):
         gated = tiny(**lm_batch()).logits
     torch.testing.assert_close(gated, zeroed(**lm_batch()).logits, rtol=0, atol=1e-6)
     assert not torch.allclose(tiny(**lm_batch()).logits, gated)  # and the gate came off with the context
@@ -89,8 +89,8 @@ def test_head_norm_penalty_is_the_mean_norm_of_the_head_slice_at_the_chosen_posi
 
 def test_fresh_head_outputs_are_seeded_and_touch_only_those_columns(tiny):
     a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
-    reset_head_outputs(a, [[0, 1]], 0.02, seed=5)
-    reset_head_outputs(b, [[0, 1]], 0.02, seed=5)
+    reset_unit_outputs(a, [[0, 1]], 0.02, seed=5)
+    reset_unit_outputs(b, [[0, 1]], 0.02, seed=5)
     wa, w0 = a.model.language_model.layers[0].self_attn.o_proj.weight, tiny.model.language_model.layers[0].self_attn.o_proj.weight
     assert torch.equal(wa, b.model.language_model.layers[0].self_attn.o_proj.weight)
     d = 32 // 4
@@ -165,12 +165,12 @@ def test_gated_neurons_contribute_exactly_nothing_and_train_only_touches_their_r
     zeroed = copy.deepcopy(tiny)
     with torch.no_grad():
         zeroed.model.language_model.layers[1].mlp.down_proj.weight[:, 10:20] = 0
-    with gate_heads(tiny, [], [[1, 10, 20]]):
+    with gate_units(tiny, [], [[1, 10, 20]]):
         gated = tiny(**lm_batch()).logits
     torch.testing.assert_close(gated, zeroed(**lm_batch()).logits, rtol=0, atol=1e-6)
     model = copy.deepcopy(tiny)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    handles = train_only_heads(model, [], [[1, 10, 20]])
+    handles = train_only_units(model, [], [[1, 10, 20]])
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     model(**lm_batch()).logits.square().mean().backward()
     optim.step()
