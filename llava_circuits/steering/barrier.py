@@ -117,6 +117,11 @@ class Keys:
         return self._made("rope", make)
 
     @property
+    def rope_t(self) -> Tensor:
+        """[batch, hd, hd] the transpose of `rope` (wide): g @ it takes a gradient back through RoPE."""
+        return self._made("rope_t", lambda: wide(self.rope).transpose(-1, -2))
+
+    @property
     def image_row(self) -> Tensor:
         """[batch, 1, 1, T] image keys as 0 / 1 in the attention's dtype."""
         return self._made("image_row", lambda: self.image[:, None, None, :].to(
@@ -133,14 +138,46 @@ def wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+@dataclass(frozen=True)
+class LayerMath:
+    """What h(x) at one decoder layer is computed from, looked up once: on small models module lookups and calls
+    cost more than the arithmetic."""
+
+    norm: torch.nn.Module
+    """The layer's input norm."""
+    eps: float | None
+    """RMSNorm's epsilon when the norm is written out here (Llama-style RMSNorm, plain q/k weights: the closed-form
+    gradient applies); None: the norm module is called and autograd takes the gradient."""
+    q_proj: torch.nn.Module
+    k_proj: torch.nn.Module
+    scaling: float
+    """The layer's score scale (head_dim ** -0.5 for Llama)."""
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, anatomy: Anatomy, layer: int) -> "LayerMath":
+        norm = anatomy.input_norm(layer)
+        eps = norm.variance_epsilon if closed_form_grad(anatomy, layer) else None
+        return cls(norm, eps, anatomy.proj(layer, "q_proj"), anatomy.proj(layer, "k_proj"),
+                   anatomy.attn(layer).scaling, anatomy.n_heads, anatomy.n_kv_heads, anatomy.head_dim)
+
+    @property
+    def closed(self) -> bool:
+        """Whether `image_attention_grad` applies."""
+        return self.eps is not None
+
+
 @dataclass
 class Attention:
     """What h(x) was computed from, kept for its gradient."""
 
     x: Tensor  # [b, d] the residual
     r: Tensor | None  # [b, 1] RMSNorm's 1 / rms(x) (None: the layer's norm module was called)
+    ms: Tensor | None  # [b, 1] mean(x^2) + eps, whose rsqrt is r
     q: Tensor  # [b, KV, groups, hd] queries (RoPE applied)
-    k: Tensor  # [b, KV, 1, hd] the query position's own key (RoPE applied)
+    k: Tensor  # [b, KV, T, hd] every key the query attends to, its own (RoPE applied, made from x) last
     probs: Tensor  # [b, KV, groups, T] attention probabilities (wide)
     mass: Tensor  # [b, KV, groups] attention mass on image keys, per query head
     h: Tensor  # [b] its mean over heads
@@ -157,72 +194,77 @@ def closed_form_grad(anatomy: Anatomy, layer: int) -> bool:
     return plain and name.endswith("RMSNorm") and not name.startswith("Gemma") and hasattr(norm, "variance_epsilon")
 
 
-def attention_of(x: Tensor, anatomy: Anatomy, layer: int, keys: Keys, closed: bool | None = None) -> Attention:
-    """The attention the query at residual x [batch, d_model] pays, as layer `layer` computes it (its own key
-    included, made from the same x), and h(x), its mean mass on image keys over heads.
+def attention_of(x: Tensor, m: LayerMath, keys: Keys) -> Attention:
+    """The attention the query at residual x [batch, d_model] pays, as the layer `m` describes computes it (its own
+    key included, made from the same x), and h(x), its mean mass on image keys over heads.
 
     Llama-style norms are written out (LlamaRMSNorm's arithmetic, in float32 or wider) so that the gradient can
     reuse 1 / rms(x); RoPE is one matrix product for queries and the own key. Written for few ops: on small models
-    barrier steering costs what its ops cost to dispatch. `closed`: `closed_form_grad(anatomy, layer)`, when the
-    caller knows it.
+    barrier steering costs what its ops cost to dispatch.
     """
-    b, a = x.shape[0], anatomy
-    kv, groups, hd = a.n_kv_heads, a.n_heads // a.n_kv_heads, a.head_dim
-    norm, r = a.input_norm(layer), None
-    if closed_form_grad(a, layer) if closed is None else closed:
+    b, kv, hd = x.shape[0], m.n_kv_heads, m.head_dim
+    r = ms = None
+    if m.eps is not None:
         xw = wide(x)
-        r = torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        xn = norm.weight * (xw * r).to(x.dtype)
+        ms = torch.linalg.vecdot(xw, xw).unsqueeze(-1).div_(x.shape[-1]).add_(m.eps)
+        r = torch.rsqrt(ms)
+        xn = m.norm.weight * (xw * r).to(x.dtype)
     else:
-        xn = norm(x)
-    q = a.proj(layer, "q_proj")(xn).view(b, a.n_heads, hd)
-    k = a.proj(layer, "k_proj")(xn).view(b, kv, hd)
-    qk = torch.cat([q, k], dim=1) @ keys.rope  # [b, H + KV, hd], RoPE applied
-    q, k = qk[:, : a.n_heads].view(b, kv, groups, hd), qk[:, a.n_heads :, None]  # query head h reads KV head h // groups
-    scores = torch.cat([q @ keys.other.transpose(-1, -2), (q * k).sum(-1, keepdim=True)], dim=-1)  # [b, KV, G, T]
-    probs = torch.softmax(torch.add(keys.bias, wide(scores), alpha=a.attn(layer).scaling), dim=-1)
+        xn = m.norm(x)
+    qk = torch.cat([m.q_proj(xn).view(b, m.n_heads, hd), m.k_proj(xn).view(b, kv, hd)], dim=1) @ keys.rope
+    q = qk[:, : m.n_heads].view(b, kv, m.n_heads // kv, hd)  # query head h reads KV head h // groups
+    k = torch.cat([keys.other, qk[:, m.n_heads :, None].to(keys.other.dtype)], dim=2)  # [b, KV, T, hd]
+    scores = q.to(k.dtype) @ k.transpose(-1, -2)  # [b, KV, G, T]
+    probs = torch.softmax(torch.add(keys.bias, wide(scores), alpha=m.scaling), dim=-1)
     mass = (probs @ keys.image_column)[..., 0]  # [b, KV, G]
-    return Attention(x, r, q, k, probs, mass, mass.mean(dim=(1, 2)))
+    return Attention(x, r, ms, q, k, probs, mass, mass.mean(dim=(1, 2)))
 
 
-def image_attention(x: Tensor, anatomy: Anatomy, layer: int, keys: Keys) -> Tensor:
+def image_attention(x: Tensor, m: LayerMath, keys: Keys) -> Tensor:
     """h(x) [batch]: mean over heads of the attention mass the query at residual x [batch, d_model] puts on
-    image keys, as layer `layer` computes attention (its own key included, made from the same x)."""
-    return attention_of(x, anatomy, layer, keys).h
+    image keys, as the layer `m` describes computes attention (its own key included, made from the same x)."""
+    return attention_of(x, m, keys).h
 
 
-def image_attention_grad(att: Attention, anatomy: Anatomy, layer: int, keys: Keys) -> Tensor:
-    """grad_x h(x) [b, d] in closed form (layers where `closed_form_grad` holds), the chain rule written out
-    without an autograd graph (3x fewer ops, which is what barrier steering costs on small models):
+def image_attention_grad(att: Attention, m: LayerMath, keys: Keys) -> Tensor:
+    """grad_x h(x) [b, d] in closed form (layers where `m.closed`), the chain rule written out without an
+    autograd graph (3x fewer ops, which is what barrier steering costs on small models):
 
         dh/ds_j = p_j (image_j - mass) / n_heads       per head, over keys j (the own key last)
         dq      = scaling sum_j dh/ds_j k_j,           dk_own = scaling sum over the KV group of dh/ds_own q
         RoPE is v @ R (`Keys.rope`), so its transpose takes g to g @ R^T
-        dn      = dq_pre W_q + dk_pre W_k,              n = w x r with r = (mean x^2 + eps)^-1/2:
-        dx      = r (w dn) - r^3 / d_model (x . (w dn)) x
+        dn      = dq_pre W_q + dk_pre W_k,              n = w x r with r = ms^-1/2, ms = mean x^2 + eps:
+        dx      = r (w dn - (x . w dn) / (d_model ms) x)
     """
-    a, b = anatomy, att.x.shape[0]
-    ds = att.probs * (keys.image_row - att.mass[..., None]) * (a.attn(layer).scaling / a.n_heads)  # [b, KV, G, T]
-    q, k = wide(att.q), wide(att.k)
-    dq = ds[..., :-1] @ wide(keys.other) + ds[..., -1:] * k  # [b, KV, G, hd]
-    dk = (ds[..., -1:] * q).sum(2)  # [b, KV, hd]
-    g = torch.cat([dq.reshape(b, a.n_heads, -1), dk], dim=1) @ wide(keys.rope).transpose(-1, -2)  # [b, H + KV, hd]
-    dn = g[:, : a.n_heads].reshape(b, -1) @ wide(a.proj(layer, "q_proj").weight) \
-        + g[:, a.n_heads :].reshape(b, -1) @ wide(a.proj(layer, "k_proj").weight)  # [b, d]
-    x, r = wide(att.x), att.r
-    wdn = wide(a.input_norm(layer).weight) * dn
-    return r * wdn - (r.pow(3) / x.shape[-1]) * (x * wdn).sum(-1, keepdim=True) * x
+    b, d = att.x.shape
+    ds = att.probs * (keys.image_row - att.mass[..., None])  # [b, KV, G, T], times scaling / n_heads below
+    k, q = wide(att.k), wide(att.q)
+    dq = ds @ k  # [b, KV, G, hd]
+    dk = ds[..., -1:].transpose(-1, -2) @ q  # [b, KV, 1, hd]
+    g = torch.cat([dq.reshape(b, m.n_heads, -1), dk.reshape(b, m.n_kv_heads, -1)], dim=1) @ keys.rope_t
+    g = g.view(b, -1)
+    w_q, w_k = wide(m.q_proj.weight), wide(m.k_proj.weight)
+    dn = torch.addmm(g[:, m.n_heads * m.head_dim :] @ w_k, g[:, : m.n_heads * m.head_dim], w_q)  # [b, d]
+    x = wide(att.x)
+    wdn = wide(m.norm.weight) * dn
+    coef = torch.linalg.vecdot(x, wdn).unsqueeze(-1).div_(att.ms)
+    return torch.addcmul(wdn, coef, x, value=-1.0 / d).mul_(att.r * (m.scaling / m.n_heads))
 
 
 def closed_form_step(x: Tensor, h: Tensor, g: Tensor, tau: float, alpha: float = 1.0,
-                     max_step: float = math.inf) -> Tensor:
-    """theta = alpha (tau - h)+ / ||g||^2 g for rows x [batch, d_model], capped at ||theta|| <= max_step ||x||."""
+                     max_step: float = math.inf, rows: Tensor | None = None) -> Tensor:
+    """theta = alpha (tau - h)+ / ||g||^2 g for rows x [batch, d_model], capped at ||theta|| <= max_step ||x||;
+    `rows` (bool [batch]): the rows to move, the others get theta = 0."""
     h, g = wide(h), wide(g)
-    scale = alpha * (tau - h).clamp_min(0) / (g * g).sum(-1).clamp_min(1e-30)  # [b]
-    theta = scale[:, None] * g
-    limit = max_step * wide(x).norm(dim=-1)  # [b]
-    theta = theta * (limit / theta.norm(dim=-1).clamp_min(1e-30)).clamp(max=1.0)[:, None]
-    return theta.to(x.dtype)
+    gg = torch.linalg.vecdot(g, g).clamp_min_(1e-30)  # [b]
+    scale = (tau - h).clamp_min_(0).div_(gg)
+    if alpha != 1.0:
+        scale = scale.mul_(alpha)
+    if math.isfinite(max_step):  # ||theta|| = scale ||g||
+        scale = torch.minimum(scale, torch.linalg.vector_norm(wide(x), dim=-1).mul_(max_step).div_(gg.sqrt()))
+    if rows is not None:
+        scale = scale.mul_(rows)
+    return (scale[:, None] * g).to(x.dtype)
 
 
 def barrier_theta(x: Tensor, h_fn: Callable[[Tensor], Tensor], tau: float, alpha: float = 1.0,
@@ -253,6 +295,8 @@ class Barrier(Intervention):
         self._handles: list = []
         self._tracker: Tracker | None = None
         self._anatomy: Anatomy | None = None
+        self._math: dict[int, LayerMath] = {}
+        self._inference = False
         self._sinks: dict[int, Tensor] = {}
         self._step_keys: tuple[Step, Keys] | None = None  # the Keys of this forward's first layer, `other` aside
         self._calls, self._counted = 0, None
@@ -269,6 +313,10 @@ class Barrier(Intervention):
             if not 0 <= i < a.n_layers:
                 raise ValueError(f"barrier layer {i} out of range: the model has {a.n_layers} layers")
         self._tracker = Tracker(loaded.model, a)
+        self._math = {i: LayerMath.of(a, i) for i in layers}
+        # Without autograd (closed-form gradients everywhere) the hooks run in inference mode: half the op overhead.
+        # Autograd cannot save inference tensors, so one layer that needs it keeps every hook out of it.
+        self._inference = all(m.closed for m in self._math.values())
         for i in layers:
             hook = lambda module, args, kwargs, i=i: self._hook(i, args, kwargs)
             self._handles.append(a.layer(i).register_forward_pre_hook(hook, with_kwargs=True))
@@ -281,6 +329,7 @@ class Barrier(Intervention):
             self._tracker.remove()
             self._tracker = None
         self._sinks = {}
+        self._math = {}
         self._step_keys = None
 
     def _hook(self, layer: int, args: tuple, kwargs: dict):
@@ -295,13 +344,13 @@ class Barrier(Intervention):
                 total = step.past_len + step.length
                 self._sink_mask(layer, x, self._anatomy.image_mask(step.seq_ids[:, :total]), step, total)
             return None
-        with torch.inference_mode(False):
+        with torch.inference_mode(self._inference):
             keys = self._keys(layer, x, kwargs, step)
-            last = self._steer(layer, x[:, -1].clone(), keys, step)
-            if last is None:
-                return None
-            x = x.clone()
-            x[:, -1] = last
+            last = self._steer(layer, x[:, -1], keys, step)
+        if last is None:
+            return None
+        x = x.clone()  # a normal tensor again, whatever mode `last` was made in
+        x[:, -1] = last
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     @torch.no_grad()
@@ -346,27 +395,23 @@ class Barrier(Intervention):
 
     def _steer(self, layer: int, x0: Tensor, keys: Keys, step: Step) -> Tensor | None:
         """x0 [b, d] moved until h >= tau (or max_iters steps); None when no row needs it."""
-        cfg, a = self.config, self._anatomy
-        closed = closed_form_grad(a, layer)
+        cfg, m = self.config, self._math[layer]
         live = keys.image.any(dim=-1)  # rows with image keys
         with torch.no_grad():
-            att = attention_of(x0, a, layer, keys, closed)
+            att = attention_of(x0, m, keys)
         h0 = att.h
         active = live & (h0 < cfg.tau)
-        if bool(active.any()) and not closed:  # autograd needs normal tensors: the cache holds inference tensors
+        if bool(active.any()) and not m.closed:  # autograd needs normal tensors: the cache holds inference tensors
             keys = dataclasses.replace(keys, other=keys.other.clone())
         x, h, iters = x0, h0, 0
         while bool(active.any()) and iters < cfg.max_iters:
-            if closed:
-                with torch.no_grad():
-                    theta = closed_form_step(x, h, image_attention_grad(att, a, layer, keys), cfg.tau + cfg.margin,
-                                             cfg.alpha, cfg.max_step)
-            else:
-                theta, _, _ = barrier_theta(x, lambda v: image_attention(v, a, layer, keys), cfg.tau + cfg.margin,
-                                            cfg.alpha, cfg.max_step)
-            x = x + theta * active[:, None].to(theta.dtype)
             with torch.no_grad():
-                att = attention_of(x, a, layer, keys, closed)
+                g = image_attention_grad(att, m, keys) if m.closed else None
+            if g is None:
+                _, _, g = barrier_theta(x, lambda v: image_attention(v, m, keys), cfg.tau)
+            with torch.no_grad():
+                x = x + closed_form_step(x, h, g, cfg.tau + cfg.margin, cfg.alpha, cfg.max_step, active)
+                att = attention_of(x, m, keys)
             h = att.h
             active, iters = live & (h < cfg.tau), iters + 1
         if self.record:

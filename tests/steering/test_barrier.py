@@ -9,6 +9,7 @@ from llava_circuits.sites import capture
 from llava_circuits.steering.barrier import (
     Barrier,
     BarrierConfig,
+    LayerMath,
     attention_of,
     barrier_theta,
     closed_form_grad,
@@ -36,14 +37,17 @@ def sharp():
 
 
 class Stash(Barrier):
-    """A Barrier that keeps what each steered call saw: (layer, phase, x, keys)."""
+    """A Barrier that keeps what each steered call saw: (layer, phase, x, keys), as normal tensors that autograd
+    may use (the hooks run in inference mode when every layer has the closed-form gradient)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen = []
 
     def _steer(self, layer, x0, keys, step):
-        self.seen.append((layer, step.phase, x0.clone(), keys))
+        with torch.inference_mode(False):
+            kept = type(keys)(**{f: getattr(keys, f).clone() for f in keys.__dataclass_fields__ if f != "shared"})
+            self.seen.append((layer, step.phase, x0.clone(), kept))
         return super()._steer(layer, x0, keys, step)
 
 
@@ -82,7 +86,7 @@ def test_theta_is_the_closed_form_with_a_finite_difference_gradient(llava_inputs
     with torch.no_grad(), stash.applied(sharp64):
         sharp64.model(**{**llava_inputs, "pixel_values": llava_inputs["pixel_values"].double()})
     (layer, _, x, keys), = stash.seen  # x [3, d_model] float64
-    h_fn = lambda v: image_attention(v, sharp64.anatomy, layer, keys)
+    h_fn = lambda v: image_attention(v, LayerMath.of(sharp64.anatomy, layer), keys)
     with torch.no_grad():
         tau = float(h_fn(x).max()) + 0.01
     theta, h, g = barrier_theta(x, h_fn, tau)
@@ -113,10 +117,10 @@ def test_closed_form_gradient_is_autograds_at_prefill_and_while_decoding(llava_i
     assert {phase for _, phase, _, _ in stash.seen} == {"prefill", "decode"}
     for layer, _, x, keys in stash.seen:
         assert closed_form_grad(loaded.anatomy, layer)
-        keys = type(keys)(**{f: getattr(keys, f).clone() for f in keys.__dataclass_fields__ if f != "shared"})
-        _, _, expected = barrier_theta(x, lambda v: image_attention(v, loaded.anatomy, layer, keys), 0.5)
+        m = LayerMath.of(loaded.anatomy, layer)
+        _, _, expected = barrier_theta(x, lambda v: image_attention(v, m, keys), 0.5)
         with torch.no_grad():
-            got = image_attention_grad(attention_of(x, loaded.anatomy, layer, keys), loaded.anatomy, layer, keys)
+            got = image_attention_grad(attention_of(x, m, keys), m, keys)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -159,6 +163,23 @@ def test_works_under_inference_mode_and_detach_restores_logits_bit_identically(s
     assert barrier.summary()["positions_steered"] > 0
     assert not torch.equal(base[:, -1], steered[:, -1]) and torch.equal(base[:, :-1], steered[:, :-1])
     assert torch.equal(base, after)
+
+
+def test_a_layer_without_the_closed_form_steers_by_autograd_as_the_closed_form_does(sharp, llava_inputs, monkeypatch):
+    records = {}
+    for closed in (True, False):
+        if not closed:  # as for a norm that is not Llama's RMSNorm: its module is called, autograd takes the gradient
+            monkeypatch.setattr("llava_circuits.steering.barrier.closed_form_grad", lambda anatomy, layer: layer != 1)
+        barrier = Barrier(BarrierConfig(tau=0.8, layers=[0, 1]), record=True)
+        with torch.inference_mode(), barrier.applied(sharp):
+            sharp.model.generate(**llava_inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert barrier._inference == closed  # autograd cannot run in inference mode: one such layer keeps it off
+        records[closed] = barrier.records
+    assert sum(r["steered"] for r in records[False] if r["layer"] == 1) >= 3
+    for a, b in zip(records[True], records[False], strict=True):
+        assert (a["layer"], a["position"], a["steered"], a["iters"]) == (b["layer"], b["position"], b["steered"], b["iters"])
+        assert a["h_after"] == pytest.approx(b["h_after"], abs=1e-5)
+        assert b["h_after"] >= 0.8 or not b["steered"]
 
 
 def test_phases_choose_prefill_or_decode(sharp, llava_inputs):
