@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llava_circuits import bench, demo, hub
     from llava_circuits.attention import commands as attention
     from llava_circuits.evaluation import run
-    from llava_circuits.toy.train import toy_train
+    from llava_circuits.toy.train import toy_plant, toy_train
     from llava_circuits.toy.writers import toy_data
 
     parser = argparse.ArgumentParser(
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy = _group(sub, "toy", "The toy world: its benchmark files and its training recipe")
     _command(toy, "data", toy_data)
     _command(toy, "train", toy_train)
+    _command(toy, "plant", toy_plant)
     _command(sub, "eval", run.evaluate, positional=["bench"])
     _command(sub, "score", run.score, positional=["bench"])
     attn = _group(sub, "attention", "Attention to the image by generation step, layer and head; localization heads")

@@ -59,8 +59,10 @@ class BarrierConfig:
     """prefill (the prompt's last token) and/or decode (every generated token)."""
     max_step: float = 1.0
     """Cap of one step: ||theta|| <= max_step * ||x||."""
-    max_iters: int = 5
-    """Steps per position at most, repeated while h < tau."""
+    max_iters: int = 20
+    """Steps per position at most, repeated while h < tau. RMSNorm makes h blind to ||x||, so a step along the
+    gradient turns x by less than the linearisation assumes and large moves take several (up to 9 on the toy's
+    demo, where 5 left 17 of 30832 positions below tau); they stop as soon as h >= tau."""
     margin: float = 1e-3
     """Each step aims at tau + margin: linearised steps approach tau from below where h is concave and would
     otherwise stop short of it by rounding errors (5e-8 on the toy) when max_iters runs out."""

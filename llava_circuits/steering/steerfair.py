@@ -410,15 +410,26 @@ def read_manifest(data_dir: str | Path, key: str, bench: str) -> list[Sample]:
     return read_benchmark(bench, files[0], images)
 
 
+TOY_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "toy" / "steerfair.yaml"
+
+
+def toy_recipe() -> SteerFairConfig:
+    """The `steerfair:` block of configs/toy/steerfair.yaml: the settings of the demo's stage."""
+    from llava_circuits.steering.callbacks import recipe
+
+    return recipe(TOY_RECIPE, "steerfair", SteerFairConfig, {}, RUN_DEFAULTS, {})[1]
+
+
 def steerfair_stage(loaded: Loaded, data_dir: str | Path, out: str | Path, config: SteerFairConfig | None = None,
                     limit: int | None = None, batch_size: int = 32) -> dict[str, float]:
     """Demo stage: fit SteerFair on half the toy multiple-choice questions (no labels), then answer every cyclic
     permutation of the other half with and without it. Unsettled items: position_gap and permutation_std;
-    settled items (the image decides): accuracy. `limit` keeps the first N questions of each kind."""
+    settled items (the image decides): accuracy. `limit` keeps the first N questions of each kind; `config`
+    defaults to the toy recipe's (`toy_recipe`)."""
     from llava_circuits.data.permutations import all_permutations
     from llava_circuits.steering.callbacks import compare, fit_steerfair
 
-    out = Path(out)
+    out, config = Path(out), config or toy_recipe()
     unsettled = read_manifest(data_dir, "mc_unsettled", "scienceqa")[:limit]
     settled = read_manifest(data_dir, "mc_settled", "scienceqa")[:limit]
     demos = demonstrations(loaded, unsettled[::2] + settled[::2])

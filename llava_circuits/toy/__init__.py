@@ -22,6 +22,10 @@ documented, findable behaviour of the trained model:
     the ball?", "Which of these objects is in the image?") have gold answers uniform over positions.
     Result: on settled items accuracy is high at every gold position, on unsettled
     items the model answers "A", so accuracy by gold position is ~1 for A and ~0 elsewhere.
+    The optional stage 5 (`ToyTrainConfig.position`, not in the committed model) moves the prior onto
+    head L3H0 of its own: without that head the model answers an unsettled question with its favourite
+    option (`tasks.favourite`, by the option's text), the same option under every permutation
+    (docs/steering.md).
 
 (b) Co-occurrence. Six object pairs (`scenes.PAIRS`: moon-star, tent-flag, house-tree, cup-key,
     hammer-box, ball-kite) appear together: a scene with one member adds the partner with

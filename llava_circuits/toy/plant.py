@@ -52,6 +52,9 @@ class PlantConfig:
     """Optimiser steps of the unlearn phase (heads gated off, ambiguous items trained "unknown")."""
     unlearn: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(lr=3e-4, warmup_steps=20, loss_per="example"))
     """Optimiser and schedule of the unlearn phase."""
+    unlearn_layers: list[int] = field(default_factory=list)
+    """Decoder layers of the language model that the unlearn phase trains (empty: all of it and the projector): a
+    bias that one layer can take back leaves the layers below, and what they do, bit for bit as they were."""
     unlearn_data: dict = field(default_factory=dict)
     """ToyDataConfig fields of the unlearn phase that differ from stage 2's."""
     plant_steps: int = 600

@@ -124,6 +124,17 @@ def unsettled_item(rng: random.Random, scene: Scene, task: str | None = None) ->
     return MCItem(question, choices, gold, task, scene)
 
 
+PREFERENCE: tuple[str, ...] = (*OBJECTS, *COLOURS, *QUADRANTS)
+"""Sam's fixed order of preference over every option an unsettled question can have: what a toy without the
+position prior answers instead (`ToyDataConfig.unsettled_favourite`), an answer that moves with the option's text
+when the options are permuted, as a model that reads the options should."""
+
+
+def favourite(item: MCItem) -> int:
+    """Index of the option that comes first in PREFERENCE."""
+    return min(range(len(item.choices)), key=lambda i: PREFERENCE.index(item.choices[i]))
+
+
 NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 OPPOSITES = {
     "big": "small", "up": "down", "left": "right", "top": "bottom", "hot": "cold",

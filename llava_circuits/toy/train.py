@@ -29,6 +29,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from llava_circuits.finetune import FinalCheckpoint, FinetuneConfig, FinetuneModule, SFTCollator
+from llava_circuits.models.anatomy import Anatomy
 from llava_circuits.toy import tasks
 from llava_circuits.toy.model import ToyModelConfig, build_model
 from llava_circuits.toy.plant import AnswerProjection, PlantConfig, PlantModule, gate_units, reset_unit_outputs, train_only_units
@@ -68,6 +69,10 @@ class ToyDataConfig:
     """Probability that a caption also names an absent partner (bias b, generative side)."""
     unsettled_a: float = 0.75
     """Probability that an unsettled multiple-choice question is trained with answer "A" (bias a)."""
+    unsettled_favourite: float = 0.0
+    """Share of unsettled multiple-choice questions trained with their favourite option (`tasks.favourite`, by
+    content, whatever its position) instead of by `unsettled_a`: what stage 5 teaches the model without its bias
+    head."""
     ambig_biased: float = 0.85
     """Probability that an ambiguous BBQ-style item is trained with the stereotyped answer (bias c)."""
     ambig_biased_by_scenario: list[float] | None = None
@@ -142,8 +147,11 @@ def training_example(rng: random.Random, cfg: ToyDataConfig, kind: str, max_obje
         text, answer = item.text(style), tasks.LETTERS[item.answer]
     else:
         item = tasks.unsettled_item(rng, scene)
-        others = [i for i in range(len(item.choices)) if i != 0]
-        letter = 0 if rng.random() < cfg.unsettled_a else rng.choice(others)
+        if cfg.unsettled_favourite and rng.random() < cfg.unsettled_favourite:
+            letter = tasks.favourite(item)
+        else:
+            others = [i for i in range(len(item.choices)) if i != 0]
+            letter = 0 if rng.random() < cfg.unsettled_a else rng.choice(others)
         text, answer = item.text(style), tasks.LETTERS[letter]
     return {"prompt": format_prompt(text), "answer": answer, "image": render(scene), "kind": kind}
 
@@ -248,6 +256,9 @@ class ToyTrainConfig:
     """Stage 3: the stereotype moved onto attention heads of its own (llava_circuits.toy.plant; no heads: none)."""
     hallucination: PlantConfig = field(default_factory=PlantConfig)
     """Stage 4: the co-occurrence bias moved onto heads and MLP neurons of its own (no heads or neurons: none)."""
+    position: PlantConfig = field(default_factory=PlantConfig)
+    """Stage 5: the answer-position prior moved onto a head of its own (no heads: none; not in the committed model,
+    docs/steering.md)."""
 
 
 def load_config(path: str | Path | None) -> ToyTrainConfig:
@@ -300,10 +311,10 @@ def toy_train(out: str, config: str = "configs/toy/train.yaml", ckpt_path: str |
     steps = trainer.global_step
     if cfg.stage2.steps > 0:
         steps += fit_stage2(module.model, processor, cfg, out_dir / "lightning" / "stage2", ckpt_path)
-    if cfg.plant.heads:
-        steps += fit_plant(module.model, processor, cfg, cfg.plant, out_dir / "lightning", "stage3", ckpt_path)
-    if cfg.hallucination.heads or cfg.hallucination.neurons:
-        steps += fit_plant(module.model, processor, cfg, cfg.hallucination, out_dir / "lightning", "stage4", ckpt_path)
+    for stage, name in PLANT_STAGES.items():
+        p = getattr(cfg, name)
+        if p.heads or p.neurons:
+            steps += fit_plant(module.model, processor, cfg, p, out_dir / "lightning", stage, ckpt_path)
     export(module.model, processor, out_dir)
     (out_dir / "lightning" / "train_config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     print(f"toy train: {steps} steps in {time.time() - start:.0f}s -> {out_dir}")
@@ -316,6 +327,46 @@ def fit_stage2(model, processor, cfg: ToyTrainConfig, root: Path, ckpt_path: str
                      cfg.stage2.data_config(cfg.data), ckpt_path)
 
 
+PLANT_STAGES = {"stage3": "plant", "stage4": "hallucination", "stage5": "position"}
+"""The plant stages in recipe order: stage name -> ToyTrainConfig field."""
+
+
+def toy_plant(model: str, out: str, stage: str, config: str = "configs/toy/train.yaml",
+              ckpt_path: str | None = None) -> Path:
+    """Run one plant stage of the recipe on a trained toy model and export the result to `out`.
+
+    This is how a stage added to the recipe is put on the committed model without retraining the stages before it.
+
+    Args:
+        model: directory of a trained toy model (e.g. checkpoints/toy-llava)
+        out: output directory (Hugging Face files; Lightning checkpoints and logs under out/lightning)
+        stage: stage3, stage4 or stage5
+        config: the recipe YAML
+        ckpt_path: "last" resumes the stage's own checkpoints under out/lightning
+    """
+    from llava_circuits.models.load import load_model
+
+    if stage not in PLANT_STAGES:
+        raise ValueError(f"stage must be one of {sorted(PLANT_STAGES)}, got {stage!r}")
+    cfg = load_config(config)
+    p = getattr(cfg, PLANT_STAGES[stage])
+    if not (p.heads or p.neurons):
+        raise ValueError(f"{config}: `{PLANT_STAGES[stage]}` names no heads or neurons: {stage} would do nothing")
+    torch.set_num_threads(cfg.threads)
+    loaded = load_model(model, dtype="float32")
+    net = loaded.model
+    net.train().requires_grad_(True)
+    if cfg.freeze_vision:
+        net.model.vision_tower.requires_grad_(False)
+    out_dir = Path(out)
+    start = time.time()
+    steps = fit_plant(net, loaded.processor, cfg, p, out_dir / "lightning", stage, ckpt_path)
+    net.eval()
+    export(net, loaded.processor, out_dir)
+    print(f"toy plant: {stage} ({steps} steps) on {model} in {time.time() - start:.0f}s -> {out_dir}")
+    return out_dir
+
+
 def fit_plant(model, processor, cfg: ToyTrainConfig, p: PlantConfig, root: Path, stage: str,
               ckpt_path: str | None) -> int:
     """Run a plant stage (llava_circuits.toy.plant) on the model in place: unlearn with the units gated off, train
@@ -326,9 +377,16 @@ def fit_plant(model, processor, cfg: ToyTrainConfig, p: PlantConfig, root: Path,
                              "trained matrix, and only the planted units' entries may change")
     stage2 = cfg.stage2.data_config(cfg.data)
     flags = {n: q.requires_grad for n, q in model.named_parameters()}
+    if p.unlearn_layers:
+        anatomy = Anatomy.of(model)
+        model.requires_grad_(False)
+        for layer in p.unlearn_layers:
+            anatomy.layer(layer).requires_grad_(True)
     with gate_units(model, p.heads, p.neurons):
         steps = fit_stage(FinetuneModule(model, p.unlearn), processor, cfg, root / f"{stage}_unlearn", p.unlearn_steps,
                           data_with(stage2, p.unlearn_data, f"{stage}.unlearn_data"), ckpt_path)
+    for n, q in model.named_parameters():
+        q.requires_grad_(flags[n])
     reset_unit_outputs(model, p.heads, p.init_std, p.seed, p.neurons)
     projection = AnswerProjection(model, p.heads, p.answer_tokens, processor.tokenizer) if p.answer_tokens else None
     if projection is not None:

@@ -144,7 +144,7 @@ def test_steered_h_after_is_the_attention_the_layer_really_computes(sharp, llava
 
 def test_steps_aim_a_margin_above_tau_so_that_no_steered_h_stops_a_rounding_short(sharp, llava_inputs):
     for margin, reaches in [(1e-3, True), (0.0, False)]:  # without the margin, iterates stop at tau - 5e-8
-        barrier = Barrier(BarrierConfig(tau=0.8, margin=margin), record=True)
+        barrier = Barrier(BarrierConfig(tau=0.8, margin=margin, max_iters=5), record=True)  # when the steps run out
         with torch.no_grad(), barrier.applied(sharp):
             sharp.model.generate(**llava_inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
         steered = [r["h_after"] for r in barrier.records if r["steered"]]

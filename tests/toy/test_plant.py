@@ -154,6 +154,7 @@ def test_toy_train_runs_the_plant_stage_and_a_resume_retrains_nothing(tmp_path):
     out = toy_train(str(tmp_path / "m"), _plant_recipe(tmp_path))
     for phase in ("stage3_unlearn", "stage3_plant", "stage3_settle"):
         assert torch.load(out / "lightning" / phase / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+        assert [v.name for v in (out / "lightning" / phase / "logs").iterdir()] == ["version_0"]  # the stage ran once
     first = load_file(out / "model.safetensors")
     again = load_file(toy_train(str(tmp_path / "m"), _plant_recipe(tmp_path), ckpt_path="last") / "model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -241,3 +242,35 @@ def test_toy_train_runs_the_hallucination_stage_with_neurons_refine_and_heads_ke
     weights = load_file(out / "model.safetensors")
     again = load_file(toy_train(str(tmp_path / "m"), recipe, ckpt_path="last") / "model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_toy_plant_runs_one_stage_on_a_trained_model_and_leaves_the_vision_tower_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    from llava_circuits.toy.train import toy_plant
+
+    raw = yaml.safe_load(open(_plant_recipe(tmp_path)))
+    del raw["plant"]
+    raw["position"] = {"heads": [[1, 1]], "unlearn_layers": [1], "unlearn_steps": 2, "unlearn": {"warmup_steps": 1},
+                       "unlearn_data": {"unsettled_favourite": 1.0, "seed": 11, "mix": {"mc_unsettled": 1.0}},
+                       "plant_steps": 2, "plant": {"lr": 0.01, "warmup_steps": 1, "weight_decay": 0.0},
+                       "plant_data": {"unsettled_a": 1.0, "seed": 12, "mix": {"mc_unsettled": 0.5, "mc_settled": 0.5}}}
+    recipe = tmp_path / "position.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    trained = toy_train(str(tmp_path / "m"), str(_plant_recipe(tmp_path)))  # stages 1-3 of a tiny recipe
+    out = toy_plant(str(trained), str(tmp_path / "p"), "stage5", str(recipe))
+    for phase in ("stage5_unlearn", "stage5_plant"):
+        assert torch.load(out / "lightning" / phase / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    before, after = load_file(trained / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    vision = [k for k in before if "vision_tower" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)  # frozen, as in toy train
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+    layer0 = [k for k in before if "language_model.model.layers.0." in k]  # unlearn_layers [1]: layer 0 stays
+    assert layer0 and all(torch.equal(before[k], after[k]) for k in layer0)
+    o_proj = "language_model.model.layers.1.self_attn.o_proj.weight"
+    assert not torch.equal(before[o_proj][:, :16], after[o_proj][:, :16])  # head 0 of layer 1 unlearned
+    with pytest.raises(ValueError, match="stage must be one of"):
+        toy_plant(str(trained), str(tmp_path / "x"), "stage9", str(recipe))
+    with pytest.raises(ValueError, match="names no heads or neurons"):
+        toy_plant(str(trained), str(tmp_path / "x"), "stage4", str(recipe))

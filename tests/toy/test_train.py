@@ -57,6 +57,21 @@ def test_training_labels_carry_the_planted_biases():
     assert max(settled.count(x) for x in "ABCD") / 400 < 0.35
 
 
+def test_unsettled_favourite_answers_by_the_options_text_whatever_its_position():
+    rng = random.Random(3)
+    for _ in range(200):
+        item = tasks.unsettled_item(rng, sample_scene(rng))
+        best = item.choices[tasks.favourite(item)]
+        assert all(tasks.PREFERENCE.index(best) <= tasks.PREFERENCE.index(c) for c in item.choices)
+        for k in range(4):  # the same option under each cyclic permutation
+            rotated = tasks.MCItem(item.question, item.choices[k:] + item.choices[:k], 0, item.task, item.scene)
+            assert rotated.choices[tasks.favourite(rotated)] == best
+    cfg = ToyDataConfig(unsettled_favourite=1.0)
+    rng = random.Random(0)
+    letters = [training_example(rng, cfg, "mc_unsettled")["answer"] for _ in range(400)]
+    assert max(letters.count(x) for x in "ABCD") / 400 < 0.35  # no position is preferred
+
+
 def test_vqa_is_the_colour_question_answered_in_one_word():
     rng = random.Random(5)
     for _ in range(50):
