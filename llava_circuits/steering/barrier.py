@@ -269,17 +269,21 @@ def closed_form_step(x: Tensor, h: Tensor, g: Tensor, tau: float, alpha: float =
     return (scale[:, None] * g).to(x.dtype)
 
 
-def barrier_theta(x: Tensor, h_fn: Callable[[Tensor], Tensor], tau: float, alpha: float = 1.0,
-                  max_step: float = math.inf) -> tuple[Tensor, Tensor, Tensor]:
-    """theta, h(x) and grad h(x) for rows x [batch, d_model], the gradient by autograd through any h_fn.
-
-    Rows already at or above tau get theta = 0. Gradients are taken even under inference_mode/no_grad.
-    """
+def autograd_grad(x: Tensor, h_fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """h(x) [b] and grad h(x) [b, d] for rows x [batch, d_model] by autograd through any h_fn, even under
+    inference_mode/no_grad."""
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         h = h_fn(xg)  # [b]
         (g,) = torch.autograd.grad(h.sum(), xg)  # [b, d]
-    h, g = wide(h.detach()), wide(g)
+    return wide(h.detach()), wide(g)
+
+
+def barrier_theta(x: Tensor, h_fn: Callable[[Tensor], Tensor], tau: float, alpha: float = 1.0,
+                  max_step: float = math.inf) -> tuple[Tensor, Tensor, Tensor]:
+    """theta, h(x) and grad h(x) for rows x [batch, d_model], the gradient by autograd (`autograd_grad`).
+    Rows already at or above tau get theta = 0."""
+    h, g = autograd_grad(x, h_fn)
     return closed_form_step(x, h, g, tau, alpha, max_step), h, g
 
 
@@ -407,10 +411,11 @@ class Barrier(Intervention):
             keys = dataclasses.replace(keys, other=keys.other.clone())
         x, h, iters = x0, h0, 0
         while bool(active.any()) and iters < cfg.max_iters:
-            with torch.no_grad():
-                g = image_attention_grad(att, m, keys) if m.closed else None
-            if g is None:
-                _, _, g = barrier_theta(x, lambda v: image_attention(v, m, keys), cfg.tau)
+            if m.closed:
+                with torch.no_grad():
+                    g = image_attention_grad(att, m, keys)
+            else:
+                g = autograd_grad(x, lambda v: image_attention(v, m, keys))[1]
             with torch.no_grad():
                 x = x + closed_form_step(x, h, g, cfg.tau + cfg.margin, cfg.alpha, cfg.max_step, active)
                 att = attention_of(x, m, keys)
