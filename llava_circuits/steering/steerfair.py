@@ -410,14 +410,14 @@ def read_manifest(data_dir: str | Path, key: str, bench: str) -> list[Sample]:
     return read_benchmark(bench, files[0], images)
 
 
-TOY_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "toy" / "steerfair.yaml"
+TOY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy" / "steerfair.yaml"
 
 
 def toy_recipe() -> SteerFairConfig:
     """The `steerfair:` block of configs/toy/steerfair.yaml: the settings of the demo's stage."""
     from llava_circuits.steering.callbacks import recipe
 
-    return recipe(TOY_RECIPE, "steerfair", SteerFairConfig, {}, RUN_DEFAULTS, {})[1]
+    return recipe(TOY_CONFIG, "steerfair", SteerFairConfig, {}, RUN_DEFAULTS, {})[1]
 
 
 def steerfair_stage(loaded: Loaded, data_dir: str | Path, out: str | Path, config: SteerFairConfig | None = None,
